@@ -1,0 +1,3 @@
+from rectrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,11 @@
+"""Errors meant for people: a user mistake is a ``UserError``, printed by the CLI as one line."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad flag, unusable data).
+
+    The message names the problem and the fix. The CLI prints it without a traceback and
+    exits with status 2; anything else that escapes is our bug and keeps its traceback.
+    """
+
+    exit_code = 2
