@@ -1,0 +1,285 @@
+"""Processes and collectives: who am I, how the job was launched, and how ranks agree to stop.
+
+Launch modes, in order of precedence:
+1. torchrun (single or multi-node, c10d rendezvous): RANK / WORLD_SIZE / LOCAL_RANK are in the environment.
+2. SLURM `srun` with one task per GPU: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, and
+   MASTER_ADDR from the first host of the job's node list unless set.
+3. Plain `python train_g4.dn_12xlarge.py`: one process per visible GPU (or `--nproc N`, also on CPU),
+   spawned here on 127.0.0.1:`--dist_port` (the seed's "automatic multi-GPU detection").
+
+NCCL on GPUs, gloo on CPU. Multi-node misconfiguration (a rendezvous address that is loopback) fails at
+once with the fix instead of hanging; every collective has `--dist_timeout`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from rectrain.errors import UserError
+
+# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint: 128 + signal number, the
+# shell's convention (143 for SIGTERM, 130 for SIGINT). Schedulers treat it as "preempted, requeue".
+def preempted_exit_code(signum: int) -> int:
+    return 128 + signum
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    backend: str | None = None  # None: a single process, no process group
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """'node[01-03,07],gpu5' -> ['node01', 'node02', 'node03', 'node07', 'gpu5'] (SLURM's compressed form)."""
+    hosts = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{n:0{len(lo)}d}")
+    return hosts
+
+
+def launch_mode(env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return "slurm"
+    return "local"
+
+
+def slurm_to_env(env: dict, port: str) -> None:
+    """Translate an `srun` task's SLURM variables into torch.distributed's (in place)."""
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    env["LOCAL_WORLD_SIZE"] = str(int(env["WORLD_SIZE"]) // max(nodes, 1))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        env["MASTER_ADDR"] = expand_slurm_nodelist(nodelist)[0]
+    env.setdefault("MASTER_PORT", port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise UserError(f"MASTER_ADDR={host!r} does not resolve on this node; set it to the hostname or IP of "
+                        "the rank-0 node that every node can reach") from None
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_multinode_env(env: dict) -> None:
+    """Fail loudly on settings that would make a multi-node job hang."""
+    world = int(env["WORLD_SIZE"])
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    if world < 1 or not 0 <= int(env["RANK"]) < world:
+        raise UserError(f"RANK={env['RANK']} is not in [0, WORLD_SIZE={world}): check the launcher's settings")
+    if world > local_world:  # more than one node
+        host = env.get("MASTER_ADDR", "127.0.0.1")
+        if is_loopback(host):
+            raise UserError(
+                f"multi-node job (WORLD_SIZE={world}, {local_world} per node) but MASTER_ADDR={host} is a loopback "
+                "address that other nodes cannot reach: pass torchrun --rdzv_endpoint=<first node's hostname>:PORT "
+                "(or set MASTER_ADDR); if the wrong network interface is picked, set NCCL_SOCKET_IFNAME and "
+                "GLOO_SOCKET_IFNAME (e.g. eth0)")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu "
+                        "(or check CUDA_VISIBLE_DEVICES and the driver)")
+    return requested
+
+
+def launch(worker: Callable[[DistInfo], int], device: str = "auto", nproc: int | None = None,
+           port: str = "12355", timeout_s: float = 1800.0) -> int:
+    """Run ``worker(info)`` in every process of the job and return the exit status of rank 0."""
+    device = resolve_device(device)
+    mode = launch_mode()
+    if mode == "slurm":
+        slurm_to_env(os.environ, port)
+    if mode in ("torchrun", "slurm"):
+        if nproc not in (None, int(os.environ["WORLD_SIZE"])) and mode == "torchrun":
+            raise UserError(f"--nproc {nproc} conflicts with torchrun's WORLD_SIZE={os.environ['WORLD_SIZE']}; "
+                            "drop --nproc under torchrun")
+        check_multinode_env(os.environ)
+        return _run_worker(worker, device, timeout_s)
+    if nproc is None:  # the seed's automatic multi-GPU detection: every visible GPU
+        nproc = torch.cuda.device_count() if device == "cuda" else 1
+    if nproc <= 1:
+        return worker(DistInfo(device=device))
+    if device.startswith("cuda") and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return _spawn_local(worker, device, nproc, port, timeout_s)
+
+
+def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -> int:
+    import torch.multiprocessing as mp
+
+    if _port_in_use(int(port)):
+        raise UserError(f"--dist_port {port} is already in use on this machine (another run?); pick a free port")
+    ctx = mp.start_processes(_local_entry, args=(worker, device, nproc, port, timeout_s), nprocs=nproc,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        # A worker exited non-zero (a preemption stop included): pass its status on.
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except KeyboardInterrupt:  # the children got SIGINT too and save their checkpoint
+        for p in ctx.processes:
+            p.join()
+        return max((p.exitcode or 0) for p in ctx.processes) or 130
+    return 0
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _local_entry(local_rank: int, worker, device: str, nproc: int, port: str, timeout_s: float) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = _run_worker(worker, device, timeout_s)
+    if code:
+        raise SystemExit(code)
+
+
+def _run_worker(worker, device: str, timeout_s: float) -> int:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                            "start one process per GPU (torchrun --nproc_per_node=<GPUs per node>)")
+        torch.cuda.set_device(local_rank)
+        device, backend = f"cuda:{local_rank}", "nccl"
+    else:
+        backend = "gloo"
+    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    if world == 1:
+        return worker(DistInfo(device=device))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # rendezvous failure or timeout: say what to check
+        raise UserError(f"rank {rank}/{world}: could not join the process group at "
+                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({e}); check that every "
+                        "node uses the same address, port and world size, and that the port is open") from None
+    try:
+        return worker(info)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives (no-ops in a single process)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class StopFlag:
+    """SIGTERM/SIGINT -> every rank agrees to stop at the same step boundary.
+
+    A signal only sets a local flag. ``should_stop()`` is called once per step by every rank; with several
+    processes it all-reduces (MAX) the local flags on the CPU (gloo), so no GPU sync is added, and every
+    rank gets the same answer at the same step. The first signal asks for a clean stop; a second one
+    restores the default handler, so a third kills the process as usual.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._group = None
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if dist.is_available() and dist.is_initialized():
+            # A CPU group for the flag, so the check never waits on the GPU stream.
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # second signal: give the user their normal Ctrl-C back
+            self.uninstall()
+        self.signum = signum
+
+    def should_stop(self) -> int:
+        """0 to go on, else the signal number (the same on every rank)."""
+        if self._group is None:
+            return self.signum
+        t = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        self.signum = int(t.item())  # a CPU tensor: no device sync
+        return self.signum
