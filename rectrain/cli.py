@@ -17,6 +17,11 @@ from rectrain.errors import UserError
 # name -> (module, one-line help). Modules are imported only for the command that runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("rectrain.selftest", "self-test of the model: parameter count, forward/backward on rectangular inputs"),
+    "train": ("rectrain.train", "train a ResNet on an image folder (the seed's train_g4.dn_12xlarge.py)"),
+    "eval": ("rectrain.evaluate", "top-1/top-5 of a checkpoint on a validation split"),
+    "bench": ("rectrain.bench", "benchmarks: `rectrain bench loader` measures decoded images/s"),
+    "scan": ("rectrain.arscan", "scan an image folder: counts, bad files, aspect ratios, buckets (builds the cache)"),
+    "synth": ("rectrain.synth", "write a synthetic ImageNet-style folder of JPEGs (tests, demo, benchmarks)"),
 }
 
 
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.command_argv = argv[argv.index(args.command) + 1:]  # for commands that re-parse (config files)
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except UserError as e:

@@ -222,6 +222,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, so after the last step of an epoch
+    every rank holds statistics updated by its own batch; averaging them (timm's distribute_bn
+    'reduce') makes the replicas identical before validation and checkpointing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
 def all_gather_object(obj) -> list:
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()

@@ -1,0 +1,153 @@
+"""Loader throughput: rectrain's training loader against the standard per-image pipeline, side by side.
+
+The standard pipeline is what torchvision's ImageNet reference does per image: full JPEG decode with
+PIL, RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3, bilinear), random flip, ToTensor (float32),
+Normalize. It uses torchvision when installed and an exact PIL/numpy re-implementation otherwise.
+rectrain's loader: header-cached sizes, bucketed rectangular crops chosen before decoding (DCT-scaled
+JPEG decode when the crop allows), uint8 output; normalisation happens later on the device.
+
+Both run through a DataLoader with the same number of workers over the same files. Per-core figures
+use one worker. Usage:
+
+    python benchmarks/bench_loader.py                       # generates 1,000 ImageNet-like JPEGs
+    python benchmarks/bench_loader.py --data_dir /data/imagenet --workers 8 --batches 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rectrain.arscan import scan_split  # noqa: E402
+from rectrain.buckets import make_buckets  # noqa: E402
+from rectrain.loader import build_loaders  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def standard_transform():
+    try:
+        import torchvision.transforms as T
+        return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())]), "torchvision"
+    except Exception:
+        return _pil_standard, "PIL re-implementation of torchvision's"
+
+
+def _rrc_params(w: int, h: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        ar = math.exp(random.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return random.randint(0, h - ch), random.randint(0, w - cw), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _pil_standard(img: Image.Image) -> torch.Tensor:
+    top, left, ch, cw = _rrc_params(*img.size)
+    img = img.crop((left, top, left + cw, top + ch)).resize((224, 224), Image.BILINEAR)
+    if random.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    return (x - MEAN) / STD
+
+
+class StandardDataset(torch.utils.data.Dataset):
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], "rb") as f:
+            img = Image.open(f).convert("RGB")  # full decode
+        return self.transform(img), int(self.labels[i])
+
+
+def time_loader(loader, batches: int, warmup: int) -> float:
+    n, t0, it = 0, None, 0
+    while True:
+        for batch in loader:
+            it += 1
+            if it == warmup + 1:
+                t0 = time.perf_counter()
+            elif it > warmup + 1:
+                n += batch[0].shape[0]
+                if it > warmup + batches:
+                    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", help="ImageFolder root with train/ (default: generate ImageNet-like JPEGs)")
+    p.add_argument("--images", type=int, default=1000, help="images to generate when --data_dir is not given")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for both pipelines (1 = per core)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=12, help="timed batches per pipeline")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--target_size", type=int, default=224)
+    args = p.parse_args()
+
+    tmp = None
+    data_dir = args.data_dir
+    if data_dir is None:
+        from rectrain.synth import make_synthetic
+        tmp = tempfile.TemporaryDirectory()
+        data_dir = tmp.name
+        classes = 10
+        make_synthetic(data_dir, classes=classes, train_per_class=max(1, args.images // classes), val_per_class=0,
+                       kind="imagenet", seed=0)
+    scan = scan_split(data_dir, "train")
+    files = [os.path.join(scan.index.split_dir, str(p)) for p in scan.index.paths]
+    transform, std_name = standard_transform()
+    std_loader = torch.utils.data.DataLoader(StandardDataset(files, scan.index.labels, transform),
+                                             batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                             persistent_workers=args.workers > 0, drop_last=True)
+    ours = build_loaders(scan, None, make_buckets(args.target_size), batch_size=args.batch_size,
+                         val_batch_size=args.batch_size, workers=args.workers, seed=0, rank=0, world_size=1).train
+
+    torch.set_num_threads(1)
+    std_ips = time_loader(std_loader, args.batches, args.warmup)
+    our_ips = time_loader(ours, args.batches, args.warmup)
+    mean_px = scan.sizes.astype(np.float64).prod(axis=1).mean()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, torch {torch.__version__}")
+    print(f"data: {len(files)} JPEGs from {'--data_dir ' + args.data_dir if args.data_dir else 'rectrain synth --kind imagenet'}"
+          f", mean {mean_px / 1e3:.0f} kpixels; workers {args.workers}, batch {args.batch_size}, "
+          f"{args.batches} timed batches")
+    print(f"{'pipeline':<58} {'images/s':>10} {'per worker':>11}")
+    w = max(args.workers, 1)
+    print(f"{'standard (' + std_name + ' RRC224 + ToTensor + Normalize)':<58} {std_ips:>10.1f} {std_ips / w:>11.1f}")
+    print(f"{'rectrain (bucketed rect crops, uint8, DCT-scaled decode)':<58} {our_ips:>10.1f} {our_ips / w:>11.1f}")
+    print(f"ratio rectrain/standard: {our_ips / std_ips:.2f}x")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Aspect-ratio scan: every image's upright size from its header, bad files found, and the result cached.
+
+This is the seed's ``sort_ar`` / ``sorted_idxar_{split}``, made safe and fast:
+
+- **Header only.** ``PIL.Image.open`` is lazy: it parses the header, not the pixels. The EXIF
+  orientation tag (0x0112) is honoured: orientations 5-8 are rotated by 90 degrees, so their (H, W)
+  is swapped, as the decoder in ``rectrain.transforms`` will show them.
+- **Bad files** (empty, truncated, not an image, unsupported format, over ``max_pixels``: a
+  "decompression bomb") are recorded by path with a reason and excluded; the scan goes on.
+  Truncation is checked cheaply from the file's tail: a JPEG must end with its EOI marker (FF D9,
+  trailing zero padding allowed), a PNG with its IEND chunk.
+- **Parallel.** Large scans run in a process pool over chunks of files (header parsing is Python
+  code, so threads would share one core: see ``benchmarks/bench_scan.py``); small ones run inline.
+- **Cache, not a pickle** (loading a pickle runs code): an ``.npz`` read with ``allow_pickle=False``,
+  keyed by a fingerprint of the file list (paths, sizes, mtimes), ``max_pixels``, the classes and the
+  format version. A changed dataset is rescanned automatically; a corrupt cache is rebuilt. It is
+  written beside the data as ``DATA_DIR/sorted_idxar_{split}.npz`` when that folder is writable,
+  otherwise under ``cache_dir`` (the run's folder) or the user cache directory. Writes are atomic.
+
+Also the ``rectrain scan`` command: counts, bad files, the ratio histogram and the bucket table.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from rectrain.errors import UserError
+from rectrain.index import FileList, ImageIndex, class_names, list_files
+
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "BadImage", "SplitScan", "read_size", "scan_split",
+           "cache_name", "add_arguments", "run"]
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
+FORMAT_VERSION = 1  # of the cache file; bump when its contents or the scan's rules change
+# Files: below this the scan runs inline. One core reads ~18k headers/s of page-cached ImageNet-sized
+# JPEGs; a forked pool starts in milliseconds and already wins at 2,000 files (benchmarks/bench_scan.py).
+INLINE_BELOW = 2000
+CHUNK = 256  # files per pool task: per-task overhead (~0.1 ms) is then < 1% of the work
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations that rotate by 90 degrees
+_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"})  # what the decoder supports
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + CRC of the (empty) last chunk
+_MAGIC = {"JPEG": b"\xff\xd8\xff", "PNG": b"\x89PNG\r\n\x1a\n"}  # to tell a broken image from a non-image
+_TAIL = 4096  # bytes read from the end of a file to check its end marker
+
+
+class BadImage(Exception):
+    """A file the training cannot use; the message is the reason (without the path)."""
+
+
+@dataclass
+class SplitScan:
+    """The usable images of one split with their upright sizes, and every unusable file with its reason."""
+
+    index: ImageIndex  # usable files only
+    sizes: np.ndarray  # (N, 2) int32, (H, W) after EXIF orientation
+    bad: list[tuple[str, str]]  # (path relative to split_dir, reason)
+    cache_path: str | None  # where the cache was read from or written to; None when nowhere was writable
+    from_cache: bool
+    seconds: float
+
+
+# -- one file ---------------------------------------------------------------------------------------
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 1..8; 1 when absent or invalid (as ``rectrain.transforms`` decides)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels
+        # (~3.5 ms for 500x375 instead of ~0.05): only an eXIf chunk before the pixels is honoured.
+        return 1
+    try:
+        o = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # corrupt EXIF is bad metadata, not a bad image
+        return 1
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
+def _check_tail(f, fmt: str) -> None:
+    """Raise BadImage when a JPEG/PNG lacks its end marker: the cheap sign of a truncated file."""
+    if fmt not in ("JPEG", "MPO", "PNG"):
+        return
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - _TAIL))
+    tail = f.read().rstrip(b"\x00")  # some writers pad files with zeros after the end marker
+    marker = _PNG_IEND if fmt == "PNG" else _JPEG_EOI
+    if not tail.endswith(marker):
+        raise BadImage(f"truncated {'PNG (no IEND chunk)' if fmt == 'PNG' else 'JPEG (no end-of-image marker)'}")
+
+
+def _header(f, max_pixels: int) -> tuple[int, int]:
+    try:
+        im = Image.open(f)
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from e
+    except Exception as e:  # UnidentifiedImageError, or a plugin choking on a corrupt header
+        f.seek(0)
+        magic = f.read(8)
+        for fmt, sig in _MAGIC.items():
+            if magic.startswith(sig):
+                raise BadImage(f"truncated or corrupt {fmt} header ({type(e).__name__}: {e})") from e
+        raise BadImage(f"not an image, or a format Pillow cannot read ({type(e).__name__})") from e
+    if im.format not in _FORMATS:
+        raise BadImage(f"unsupported format {im.format}")
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise BadImage(f"empty image ({w}x{h})")
+    if w * h > max_pixels:
+        raise BadImage(f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                       f"(raise --max_pixels to accept it)")
+    _check_tail(f, im.format)
+    return (w, h) if _orientation(im) in _SWAPS_AXES else (h, w)
+
+
+def read_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Upright (H, W) of an image from its header (no pixel decoding); raises ``BadImage(reason)``."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns per file on odd EXIF/bombs: no floods
+            return _header(f, max_pixels)
+    except OSError as e:
+        raise BadImage(f"cannot read: {e.strerror or e}") from e
+
+
+def _read_chunk(args) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Pool task: (split_dir, relative paths, max_pixels) -> ((n, 2) int32 sizes, [(position, reason)])."""
+    split_dir, paths, max_pixels = args
+    sizes = np.zeros((len(paths), 2), dtype=np.int32)
+    bad = []
+    for j, rel in enumerate(paths):
+        try:
+            sizes[j] = read_size(os.path.join(split_dir, rel), max_pixels)
+        except BadImage as e:
+            bad.append((j, str(e)))
+    return sizes, bad
+
+
+# -- all files --------------------------------------------------------------------------------------
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def pool_map(pool, fn, items):
+    """``pool.map`` (or the builtin ``map`` when ``pool`` is None), without Python 3.12+'s warning that
+    forking a multi-threaded process may deadlock: the children run only Pillow/numpy code."""
+    if pool is None:
+        return map(fn, items)
+    with warnings.catch_warnings():  # every fork happens inside map(): all tasks are submitted there
+        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
+        return pool.map(fn, items)
+
+
+def pool_context():
+    """fork where available (Linux), as the DataLoader does: children start in milliseconds and only run
+    Pillow and numpy, never torch or CUDA. forkserver/spawn would re-import the caller's ``__main__``,
+    breaking scripts without an ``if __name__ == "__main__"`` guard, and cost ~0.2 s to start."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def _read_sizes(index: ImageIndex, max_pixels: int, workers: int | None, progress: bool):
+    """-> ((N, 2) int32 sizes, (N,) bool ok, [(i, reason)]) for every file of the index."""
+    n = len(index)
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    chunks = [(index.split_dir, index.paths[s:s + CHUNK].tolist(), max_pixels) for s in range(0, n, CHUNK)]
+    sizes = np.zeros((n, 2), dtype=np.int32)
+    bad: list[tuple[int, str]] = []
+    from tqdm import tqdm
+    bar = tqdm(total=n, unit="img", desc=f"scanning {os.path.basename(index.split_dir)}", file=sys.stderr,
+               disable=not progress or n < INLINE_BELOW, mininterval=0.5)
+    pool = (cf.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=pool_context())
+            if workers > 1 and n >= INLINE_BELOW else None)
+    try:
+        results = pool_map(pool, _read_chunk, chunks)
+        for c, (chunk_sizes, chunk_bad) in enumerate(results):
+            sizes[c * CHUNK:c * CHUNK + len(chunk_sizes)] = chunk_sizes
+            bad.extend((c * CHUNK + j, reason) for j, reason in chunk_bad)
+            bar.update(len(chunk_sizes))
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    ok = np.ones(n, dtype=bool)
+    ok[[i for i, _ in bad]] = False
+    return sizes, ok, bad
+
+
+# -- cache ------------------------------------------------------------------------------------------
+def fingerprint(files: FileList, max_pixels: int) -> str:
+    """Hash of what the scan's result depends on: the file list with sizes and mtimes, the limit, the classes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"rectrain-arscan v{FORMAT_VERSION} max_pixels={max_pixels}\n".encode())
+    h.update("\n".join(files.index.classes).encode("utf-8", "surrogateescape") + b"\0")
+    h.update("\n".join(files.index.paths.tolist()).encode("utf-8", "surrogateescape") + b"\0")
+    h.update(files.index.labels.tobytes())
+    h.update(files.nbytes.tobytes())
+    h.update(files.mtime_ns.tobytes())
+    return h.hexdigest()
+
+
+def cache_name(data_dir: str, split: str, beside_data: bool) -> str:
+    """``sorted_idxar_{split}.npz`` beside the data (the seed's name); elsewhere tagged by the data path."""
+    if beside_data:
+        return f"sorted_idxar_{split}.npz"
+    tag = hashlib.blake2b(os.path.abspath(data_dir).encode(), digest_size=6).hexdigest()
+    return f"sorted_idxar_{split}_{tag}.npz"
+
+
+def _user_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rectrain")
+
+
+def _dir_writable(path: str) -> bool:
+    """Try an actual write: permission bits lie (root ignores them; read-only mounts ignore them)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".rectrain-write-test-", dir=path)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+def _cache_candidates(data_dir: str, split: str, cache_dir: str | None) -> list[str]:
+    """Cache paths in order of preference: beside the data, the run's folder, the user cache."""
+    out = [os.path.join(data_dir, cache_name(data_dir, split, True))]
+    for d in ([cache_dir] if cache_dir else []) + [_user_cache_dir()]:
+        out.append(os.path.join(d, cache_name(data_dir, split, False)))
+    return out
+
+
+def _load_cache(path: str, fp: str) -> tuple[ImageIndex, np.ndarray, list[tuple[str, str]]] | None:
+    """The cached scan when ``path`` holds one with fingerprint ``fp``; None if absent, stale or corrupt."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != FORMAT_VERSION or str(z["fingerprint"]) != fp:
+                return None
+            index = ImageIndex("", z["classes"].tolist(), z["paths"], z["labels"].astype(np.int64))
+            sizes = z["sizes"].astype(np.int32).reshape(-1, 2)
+            bad = list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist()))
+    except Exception:  # truncated zip, missing key, wrong dtype...: rebuild it
+        return None
+    if len(index.paths) != len(index.labels) or len(sizes) != len(index.paths):
+        return None
+    return index, sizes, bad
+
+
+def _write_atomic(path: str, arrays: dict) -> None:
+    """Write an .npz to a temporary file in the same folder, fsync it, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_cache(candidates: list[str], fp: str, scan: SplitScan) -> str | None:
+    """Write the cache to the first writable candidate folder; its path, or None when none is writable."""
+    bad_paths = [p for p, _ in scan.bad]
+    arrays = dict(version=np.int64(FORMAT_VERSION), fingerprint=np.str_(fp),
+                  classes=np.array(scan.index.classes, dtype=str), paths=scan.index.paths,
+                  labels=scan.index.labels, sizes=scan.sizes,
+                  bad_paths=np.array(bad_paths, dtype=str).reshape(-1),
+                  bad_reasons=np.array([r for _, r in scan.bad], dtype=str).reshape(-1))
+    for path in candidates:
+        if _dir_writable(os.path.dirname(path)):
+            try:
+                _write_atomic(path, arrays)
+                return path
+            except OSError:
+                continue  # disk full, a race with a read-only remount...: try the next place
+    return None
+
+
+# -- the scan ---------------------------------------------------------------------------------------
+def _fresh_scan(files: FileList, max_pixels: int, workers: int | None, progress: bool):
+    sizes, ok, bad = _read_sizes(files.index, max_pixels, workers, progress)
+    index = files.index.subset(ok)
+    if len(index) == 0:
+        raise UserError(f"none of the {len(files.index)} image files in {files.index.split_dir} is usable "
+                        f"(first: {files.index.paths[0]}: {bad[0][1]}); check the data")
+    return index, sizes[ok], [(str(files.index.paths[i]), reason) for i, reason in bad]
+
+
+def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
+               workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               progress: bool = False) -> SplitScan:
+    """Index ``data_dir/split``, read every image's upright size (or reuse the cache) and report bad files.
+
+    ``classes``: train's class map when scanning val (see ``rectrain.index.build_index``).
+    ``cache_dir``: where to keep the cache when ``data_dir`` is not writable (e.g. the run's folder).
+    ``workers``: processes for a fresh scan (None: one per usable core; small scans run inline).
+    """
+    t0 = time.perf_counter()
+    if max_pixels < 1:
+        raise UserError(f"--max_pixels must be positive, got {max_pixels}")
+    files = list_files(data_dir, split, classes)
+    fp = fingerprint(files, max_pixels)
+    candidates = _cache_candidates(data_dir, split, cache_dir)
+    for path in candidates:
+        hit = _load_cache(path, fp)
+        if hit is not None:
+            index, sizes, bad = hit
+            index.split_dir, index.skipped = files.index.split_dir, files.index.skipped
+            return SplitScan(index, sizes, bad, path, True, time.perf_counter() - t0)
+    index, sizes, bad = _fresh_scan(files, max_pixels, workers, progress)
+    scan = SplitScan(index, sizes, bad, None, False, 0.0)
+    scan.cache_path = _save_cache(candidates, fp, scan)
+    scan.seconds = time.perf_counter() - t0
+    return scan
+
+
+# -- `rectrain scan` --------------------------------------------------------------------------------
+RATIO_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.97, 1.03, 1.25, 1.43, 1.67, 2.0, float("inf"))  # W/H
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data_dir", required=True, help="ImageNet-style folder: DATA_DIR/{train,val}/<class>/<images>")
+    p.add_argument("--split", choices=("train", "val", "both"), default=None,
+                   help="split to scan (default: both when DATA_DIR/val exists, else train)")
+    p.add_argument("--target_size", type=int, default=224, help="bucket size in pixels (see --rect_mode)")
+    p.add_argument("--batch_size", type=int, default=256, help="images per batch, for the batch counts")
+    p.add_argument("--rect_mode", choices=("short_side", "area"), default="short_side",
+                   help="short_side: shorter side = target_size; area: H*W ~ target_size^2")
+    p.add_argument("--max_ratio", type=float, default=2.0, help="ratios beyond this (either way) are cropped")
+    p.add_argument("--workers", type=int, default=None, help="scan processes (default: one per core)")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="larger images are rejected as decompression bombs")
+
+
+def ratio_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
+    """Text histogram of W/H over ``RATIO_EDGES``, one line per non-empty bin."""
+    ratios = sizes[:, 1] / np.maximum(sizes[:, 0], 1)
+    counts, _ = np.histogram(ratios, bins=np.array(RATIO_EDGES))
+    top = max(int(counts.max()), 1)
+    lines = []
+    for lo, hi, c in zip(RATIO_EDGES[:-1], RATIO_EDGES[1:], counts):
+        if c:
+            label = f"< {hi:.2f}" if lo == 0 else (f">= {lo:.2f}" if hi == float("inf") else f"{lo:.2f}-{hi:.2f}")
+            lines.append(f"  {label:>11}  {int(c):>9,}  {'#' * max(1, round(width * c / top))}")
+    return lines
+
+
+def bucket_lines(sizes: np.ndarray, buckets, batch_size: int) -> list[str]:
+    counts = np.bincount(buckets.assign(sizes), minlength=len(buckets))
+    lines = [f"  {'shape HxW':>10}  {'W/H':>5}  {'images':>9}  {'batches':>8}"]
+    for k, c in enumerate(counts):
+        h, w = buckets.shape(k)
+        lines.append(f"  {f'{h}x{w}':>10}  {w / h:5.2f}  {int(c):>9,}  {int(c) // batch_size:>8,}")
+    full = int((counts // batch_size).sum())
+    lines.append(f"  {'total':>10}  {'':>5}  {int(counts.sum()):>9,}  {full:>8,}  "
+                 f"(full batches of {batch_size}; {int((counts % batch_size).sum()):,} images left over)")
+    return lines
+
+
+def _report(name: str, scan: SplitScan, buckets, batch_size: int) -> None:
+    ix = scan.index
+    print(f"== {name}: {ix.split_dir}")
+    print(f"images: {len(ix):,} usable in {len(ix.classes):,} classes "
+          f"({len(np.unique(ix.labels)):,} with images)")
+    skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(ix.skipped.items())) or "none"
+    print(f"skipped: {skipped}")
+    print(f"bad files: {len(scan.bad):,}")
+    for path, reason in scan.bad[:50]:
+        print(f"  {path}: {reason}")
+    if len(scan.bad) > 50:
+        print(f"  ... and {len(scan.bad) - 50:,} more")
+    print("aspect ratio W/H:")
+    print("\n".join(ratio_histogram(scan.sizes)))
+    print(f"buckets ({buckets.mode}, target {buckets.target_size}, max ratio {buckets.max_ratio:g}):")
+    print("\n".join(bucket_lines(scan.sizes, buckets, batch_size)))
+    origin = "read from cache" if scan.from_cache else "scanned; cache written" if scan.cache_path else \
+        "scanned; no writable place for a cache"
+    print(f"cache: {scan.cache_path or '-'} ({origin})")
+    print(f"time: {scan.seconds:.2f} s")
+
+
+def run(args) -> int:
+    from rectrain.buckets import make_buckets
+    if args.batch_size < 1 or args.target_size < 32 or args.max_ratio < 1:
+        raise UserError("--batch_size must be >= 1, --target_size >= 32 and --max_ratio >= 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be >= 0")
+    split = args.split or ("both" if os.path.isdir(os.path.join(args.data_dir, "val")) else "train")
+    buckets = make_buckets(args.target_size, args.rect_mode, args.max_ratio)
+    kw = dict(workers=args.workers, max_pixels=args.max_pixels, progress=True)
+    classes = None
+    if split in ("train", "both"):
+        train = scan_split(args.data_dir, "train", **kw)
+        classes = train.index.classes
+        _report("train", train, buckets, args.batch_size)
+    if split in ("val", "both"):
+        if classes is None and os.path.isdir(os.path.join(args.data_dir, "train")):
+            classes = class_names(args.data_dir, "train")  # val shares train's class map
+        val = scan_split(args.data_dir, "val", classes, **kw)
+        _report("val", val, buckets, args.batch_size)
+    return 0

@@ -1,0 +1,157 @@
+"""From scanned files to normalised device batches.
+
+Workers decode and crop to uint8 (B, H, W, 3) batches, one bucket shape per batch; the main process
+moves them to the device through pinned memory (a quarter of float32's bytes) and normalises there,
+where the permute to (B, 3, H, W) is channels_last for free.
+
+Randomness in workers is a pure function of (seed, epoch, sample index): a resumed run crops exactly as
+an uninterrupted one did, whatever the worker count, and skipped batches are never decoded.
+A file that fails to decode is replaced by another image of the same bucket (the batch keeps its shape);
+its path comes back with the batch so the main process can log and count it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rectrain.arscan import SplitScan
+from rectrain.buckets import BucketTable
+from rectrain.errors import UserError
+from rectrain.samplers import AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler
+from rectrain.transforms import IMAGENET_MEAN, IMAGENET_STD, DecodeError, RectangularCropTfm
+
+REPLACEMENT_TRIES = 8
+
+
+class BucketDataset(torch.utils.data.Dataset):
+    """Items are keyed by ``(sample_index, epoch)``; returns ((H, W, 3) uint8, label, failed paths)."""
+
+    def __init__(self, scan: SplitScan, buckets: BucketTable, transform: RectangularCropTfm, seed: int = 0):
+        self.split_dir = scan.index.split_dir
+        self.paths = scan.index.paths  # numpy str array: no per-item refcounts to copy-on-write in workers
+        self.labels = scan.index.labels
+        self.sizes = scan.sizes
+        self.bucket_ids = buckets.assign(scan.sizes)
+        self.shapes = buckets.shapes
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        h, w = self.shapes[self.bucket_ids[i]]
+        path = os.path.join(self.split_dir, str(self.paths[i]))
+        return self.transform(path, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]))
+
+    def __getitem__(self, key):
+        i, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        failed = []
+        candidates = np.flatnonzero(self.bucket_ids == self.bucket_ids[i])
+        for _ in range(REPLACEMENT_TRIES):
+            try:
+                return self._load(i, rng), int(self.labels[i]), failed
+            except DecodeError as e:
+                failed.append(str(e))
+                i = int(rng.choice(candidates))
+        raise DecodeError(f"{REPLACEMENT_TRIES} images of one bucket failed to decode in a row: {failed}")
+
+
+class _Keyed:
+    """Turns a batch sampler's index lists into (index, epoch) keys for BucketDataset."""
+
+    def __init__(self, batch_sampler, epoch_of):
+        self.batch_sampler = batch_sampler
+        self.epoch_of = epoch_of
+
+    def __iter__(self):
+        epoch = self.epoch_of()
+        for batch in self.batch_sampler:
+            yield [(int(i), epoch) for i in batch]
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+def collate(items):
+    images = torch.from_numpy(np.stack([it[0] for it in items]))  # (B, H, W, 3) uint8
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    failed = [f for it in items for f in it[2]]
+    return images, labels, failed
+
+
+def cap_workers(requested: int, world_local: int = 1) -> tuple[int, str | None]:
+    """Cap workers per process to the cores this process may use; returns (workers, note or None)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    limit = max(1, cores // max(world_local, 1))
+    if requested > limit:
+        return limit, (f"--workers {requested} capped to {limit}: {cores} CPU core(s) shared by "
+                       f"{world_local} process(es) on this node")
+    return requested, None
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None
+    train_sampler: DistributedBatchSampler
+    train_set: BucketDataset
+    val_set: BucketDataset | None
+
+
+def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: BucketTable, *, batch_size: int,
+                  val_batch_size: int, workers: int, seed: int, rank: int, world_size: int,
+                  crop_scale=(0.08, 1.0), pin_memory: bool = False) -> Loaders:
+    train_set = BucketDataset(train_scan, buckets, RectangularCropTfm(train=True, scale=tuple(crop_scale)), seed)
+    base = AspectRatioBatchSampler(train_set.bucket_ids, batch_size, seed=seed)
+    sampler = DistributedBatchSampler(base, num_replicas=world_size, rank=rank)
+    if len(sampler) == 0:
+        raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {batch_size} "
+                        f"for {world_size} process(es); lower --batch_size or add images")
+    common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    train = torch.utils.data.DataLoader(train_set, batch_sampler=_Keyed(sampler, lambda: base.epoch), **common)
+    val = val_set = None
+    if val_scan is not None and len(val_scan.index):
+        val, val_set = build_val_loader(val_scan, buckets, batch_size=val_batch_size, workers=workers,
+                                        rank=rank, world_size=world_size, pin_memory=pin_memory)
+    return Loaders(train, val, sampler, train_set, val_set)
+
+
+def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: int, workers: int, rank: int,
+                     world_size: int, pin_memory: bool = False):
+    """Deterministic centre crops, batches grouped by bucket, every image once across ranks."""
+    val_set = BucketDataset(val_scan, buckets, RectangularCropTfm(train=False), seed=0)
+    vs = ValidationBatchSampler(val_set.bucket_ids, batch_size, num_replicas=world_size, rank=rank)
+    loader = torch.utils.data.DataLoader(val_set, batch_sampler=_Keyed(vs, lambda: 0), num_workers=workers,
+                                         collate_fn=collate, pin_memory=pin_memory)
+    return loader, val_set
+
+
+class DeviceNormalize:
+    """uint8 (B, H, W, 3) on the host -> normalised (B, 3, H, W) on the device, channels_last strides.
+
+    The copy is non-blocking from pinned memory; the cast and normalisation run on the device.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).mul(255).view(1, 3, 1, 1)
+        self.inv_std = torch.tensor(IMAGENET_STD, device=self.device).mul(255).reciprocal().view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, H, W), NHWC memory
+        images = images.float().sub_(self.mean).mul_(self.inv_std).to(self.dtype)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def __repr__(self) -> str:
+        return f"DeviceNormalize(device={self.device}, dtype={self.dtype})"

@@ -1,0 +1,413 @@
+"""`rectrain train` / `python train_g4.dn_12xlarge.py`: the whole training run.
+
+main -> preflight (user errors before any process starts) -> launch (one process per GPU, torchrun or
+SLURM) -> worker: data, model, optimizer, resume, then epochs of train_one_epoch + evaluate, with a
+checkpoint and a metrics row after each epoch and a mid-epoch checkpoint on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rectrain import checkpoint as ckpt_io
+from rectrain.arscan import scan_split
+from rectrain.augment import BatchAugment
+from rectrain.buckets import make_buckets
+from rectrain.config import TrainConfig, add_arguments as add_config_arguments, resolve_config
+from rectrain.distributed import (DistInfo, StopFlag, all_gather_object, all_reduce_sum, average_buffers, barrier,
+                                  broadcast_object, launch, preempted_exit_code)
+from rectrain.engine import (StepContext, TrainState, autocast_factory, evaluate, reduce_eval,
+                             train_one_epoch)
+from rectrain.errors import UserError
+from rectrain.loader import DeviceNormalize, build_loaders, cap_workers
+from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
+from rectrain.model import build_model, count_parameters, param_groups
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in ckpt_io.unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    cfg = resolve_config(args.command_argv, prog="rectrain train")
+    return main(cfg)
+
+
+def main(cfg: TrainConfig) -> int:
+    preflight(cfg)
+    worker = functools.partial(train_worker, cfg)
+    return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything a user can get wrong that we can see before starting processes."""
+    train_dir = os.path.join(cfg.data_dir, "train")
+    if not os.path.isdir(cfg.data_dir):
+        raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at a folder holding "
+                        "train/<class>/<images> and val/<class>/<images> (try `rectrain synth --out DIR` for a demo set)")
+    if not os.path.isdir(train_dir):
+        raise UserError(f"--data_dir {cfg.data_dir} has no train/ folder; expected DATA_DIR/train/<class>/<images> "
+                        "and DATA_DIR/val/<class>/<images>")
+    if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
+        raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of this run)")
+    run_dir = os.path.join(cfg.output, cfg.run_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not cfg.resume and os.path.isdir(ckpt_dir) and any(f.endswith(".pth") for f in os.listdir(ckpt_dir)):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
+                        "a new --run_name (nothing was overwritten)")
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --output {cfg.output} ({e.strerror}); choose a writable folder") from None
+
+
+@dataclass
+class RunPaths:
+    run_dir: str
+    ckpt_dir: str
+    log_dir: str
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "RunPaths":
+        run_dir = os.path.join(cfg.output, cfg.run_name)
+        return cls(run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "logs"))
+
+
+def train_worker(cfg: TrainConfig, info: DistInfo) -> int:
+    paths = RunPaths.of(cfg)
+    logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
+    try:
+        return Trainer(cfg, info, paths, logger).fit()
+    except UserError as e:
+        logger.error(f"error: {e}")
+        raise
+    finally:
+        close_logger(logger)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger):
+        self.cfg, self.info, self.paths, self.logger = cfg, info, paths, logger
+        self.device = torch.device(info.device)
+        self.is_cuda = self.device.type == "cuda"
+        self.log = logger.info if info.is_primary else (lambda msg: logger.info(msg))
+        self.stop = StopFlag()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        scan_kw = dict(cache_dir=self.paths.run_dir, workers=None, progress=info.is_primary)
+        # Rank 0 scans (and writes the cache) first; the others then read the cache.
+        if info.is_primary:
+            train = scan_split(cfg.data_dir, "train", **scan_kw)
+        barrier()
+        if not info.is_primary:
+            train = scan_split(cfg.data_dir, "train", **scan_kw)
+        val = None
+        if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+            if info.is_primary:
+                val = scan_split(cfg.data_dir, "val", classes=train.index.classes, **scan_kw)
+            barrier()
+            if not info.is_primary:
+                val = scan_split(cfg.data_dir, "val", classes=train.index.classes, **scan_kw)
+        else:
+            self.log(f"note: {cfg.data_dir} has no val/ folder: training without validation")
+        for name, s in (("train", train), ("val", val)):
+            if s is not None and s.bad:
+                self.log(f"note: {len(s.bad)} unusable {name} file(s) excluded, e.g. {s.bad[0][0]} ({s.bad[0][1]})")
+        self.classes = train.index.classes
+        self.buckets = make_buckets(cfg.target_size, cfg.rect_mode, cfg.max_ratio)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        workers, note = cap_workers(cfg.workers, local_world)
+        if note and info.is_primary:
+            self.log(f"note: {note}")
+        self.loaders = build_loaders(train, val, self.buckets, batch_size=cfg.batch_size,
+                                     val_batch_size=cfg.val_batch_size or cfg.batch_size, workers=workers,
+                                     seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                     crop_scale=cfg.crop_scale, pin_memory=self.is_cuda)
+        self.steps_per_epoch = len(self.loaders.train_sampler)
+        self.log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
+                 f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "
+                 f"{self.steps_per_epoch} batches per epoch per process, {workers} workers per process")
+
+    def setup_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.is_cuda:
+            torch.backends.cudnn.benchmark = True  # a handful of bucket shapes: autotune each once
+        model = build_model(cfg.arch, num_classes=len(self.classes), width=cfg.width).to(self.device)
+        self.channels_last = cfg.channels_last and self.is_cuda
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov)
+        amp = not cfg.no_amp and self.is_cuda
+        if not cfg.no_amp and not self.is_cuda:
+            self.log("note: mixed precision is used on CUDA only; training in fp32 on the CPU")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp_dtype] if amp else None
+        self.amp_dtype = amp_dtype
+        self.autocast = autocast_factory(str(self.device), amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.augment = BatchAugment(cfg.augmentation(), seed=cfg.seed, rank=self.info.rank, device=self.device)
+        self.log(f"model: {cfg.arch} ({count_parameters(model):,} parameters), device {self.device}, "
+                 f"precision {'fp32' if amp_dtype is None else cfg.amp_dtype}, augmentations {self.augment.config}")
+
+    def wrap_model(self) -> None:
+        self.train_model = self.model
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.is_cuda else None,
+                                   gradient_as_bucket_view=True)
+        if self.cfg.compile:
+            import torch._dynamo
+            # One graph per bucket shape: let dynamo keep them all instead of recompiling.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets) + 8)
+            self.train_model = torch.compile(self.train_model, dynamic=False)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def rank_state(self) -> dict:
+        return {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.is_cuda else None,
+            "augment": self.augment.state_dict(),
+            "epoch_loss_sum": self.state.epoch_loss_sum,
+            "epoch_images": self.state.epoch_images,
+        }
+
+    def save(self, kind: str, metrics: dict | None = None) -> None:
+        """kind: 'epoch' (end of epoch: epoch file + last, best when improved) or 'last' (mid-epoch stop).
+
+        Every rank calls this (it gathers per-rank RNG state); rank 0 writes, then tells the others
+        whether it worked, so no rank waits forever on a rank that failed.
+        """
+        ranks = all_gather_object(self.rank_state())
+        error = None
+        if self.info.is_primary:
+            s = self.state
+            ckpt = {
+                "format_version": ckpt_io.FORMAT_VERSION,
+                "model": ckpt_io.unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "best_acc1": s.best_acc1,
+                "decode_failures": list(s.decode_failures),
+                "sampler": {"epoch": s.epoch, "start_batch": s.batch_in_epoch, "seed": self.cfg.seed,
+                            "world_size": self.info.world_size},
+                "rng": ranks,
+                "world_size": self.info.world_size,
+                "classes": list(self.classes),
+                "arch": self.cfg.arch,
+                "config": self.cfg.to_dict(),
+                "metrics": metrics or {},
+            }
+            try:
+                if kind == "epoch":
+                    path = ckpt_io.epoch_path(self.paths.ckpt_dir, s.epoch)
+                    ckpt_io.save_atomic(ckpt, path)
+                    ckpt_io.link_or_copy(path, os.path.join(self.paths.ckpt_dir, "last.pth"))
+                    if metrics and metrics.get("is_best"):
+                        ckpt_io.link_or_copy(path, os.path.join(self.paths.ckpt_dir, "best.pth"))
+                    for p in ckpt_io.prune(self.paths.ckpt_dir, self.cfg.keep_checkpoints):
+                        self.log(f"removed old checkpoint {p}")
+                else:
+                    path = os.path.join(self.paths.ckpt_dir, "last.pth")
+                    ckpt_io.save_atomic(ckpt, path)
+                self.log(f"saved checkpoint {path}")
+            except UserError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error:
+            raise UserError(error)
+
+    def resume(self) -> None:
+        cfg, state = self.cfg, self.state
+        if not cfg.resume:
+            return
+        if cfg.resume == "auto":
+            found = ckpt_io.find_resumable(self.paths.ckpt_dir, log=self.log)
+            if found is None:
+                self.log(f"note: --resume auto found no checkpoint in {self.paths.ckpt_dir}: starting from scratch")
+                return
+            path, ckpt = found
+        else:
+            path, ckpt = cfg.resume, ckpt_io.load(cfg.resume)
+        if list(ckpt.get("classes", self.classes)) != list(self.classes):
+            raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data_dir}; resume with the "
+                            "same dataset, or start a new --run_name")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path} does not fit --arch {cfg.arch}: {str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        state.best_acc1 = ckpt.get("best_acc1", -1.0)
+        state.decode_failures = list(ckpt.get("decode_failures", []))
+        same_world = ckpt.get("world_size") == self.info.world_size and ckpt.get("steps_per_epoch") == self.steps_per_epoch
+        if same_world:
+            mine = ckpt["rng"][self.info.rank]
+            torch.set_rng_state(mine["torch_rng"])
+            if self.is_cuda and mine.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+            self.augment.load_state_dict(mine["augment"])
+            state.epoch_loss_sum, state.epoch_images = mine["epoch_loss_sum"], mine["epoch_images"]
+        elif state.batch_in_epoch:
+            self.log(f"note: checkpoint was written with {ckpt.get('world_size')} process(es) and "
+                     f"{ckpt.get('steps_per_epoch')} batches/epoch; now {self.info.world_size} and "
+                     f"{self.steps_per_epoch}: epoch {state.epoch + 1} restarts from its first batch")
+            state.batch_in_epoch = 0
+            state.step = state.epoch * self.steps_per_epoch
+        self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, info = self.cfg, self.info
+        t0 = time.time()
+        self.setup_data()
+        self.setup_model()
+        self.state = TrainState()
+        self.resume()
+        self.wrap_model()
+        global_batch = cfg.batch_size * info.world_size
+        self.log(f"global batch {global_batch} ({info.world_size} process(es) x {cfg.batch_size}); --lr {cfg.lr} "
+                 f"(linear-scaling rule would give {0.1 * global_batch / 256:.4g})")
+        if info.is_primary:
+            write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), cfg.to_dict())
+        metrics = MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1) if info.is_primary else None
+        ctx = StepContext(
+            model=self.train_model, optimizer=self.optimizer, scaler=self.scaler,
+            normalize=DeviceNormalize(self.device), augment=self.augment, autocast=self.autocast,
+            label_smoothing=cfg.label_smoothing, base_lr=cfg.lr, min_lr=cfg.min_lr,
+            total_steps=cfg.epochs * self.steps_per_epoch,
+            warmup_steps=round(cfg.warmup * self.steps_per_epoch), channels_last=self.channels_last,
+            print_freq=cfg.print_freq, max_decode_failures=cfg.max_decode_failures, world_size=info.world_size,
+            log=self.log, is_primary=info.is_primary, max_steps=cfg.max_steps)
+        self.stop.install()
+        try:
+            code = self._epochs(ctx, metrics)
+        finally:
+            self.stop.uninstall()
+            if metrics is not None:
+                metrics.close()
+        if code == 0:
+            # Every rank logs a digest of its weights: DDP replicas must be bit-identical.
+            self.logger.info(f"final weights sha1 {weights_digest(self.model)}")
+            if info.is_primary:
+                self._summary(metrics, time.time() - t0)
+        return code
+
+    def _epochs(self, ctx: StepContext, metrics: MetricsWriter | None) -> int:
+        cfg, state = self.cfg, self.state
+        sampler = self.loaders.train_sampler
+        while state.epoch < cfg.epochs:
+            epoch = state.epoch
+            stats = {}
+            if state.batch_in_epoch < self.steps_per_epoch:
+                sampler.set_epoch(epoch)
+                sampler.load_state_dict({"epoch": epoch, "start_batch": state.batch_in_epoch})
+                progress = self._progress(epoch)
+                try:
+                    stats, signum = train_one_epoch(ctx, self.loaders.train, state, self.stop,
+                                                    self.steps_per_epoch, progress)
+                finally:
+                    if progress is not None:
+                        progress.close()
+                if signum:
+                    self.log(f"stopping on signal {signum}: saving a checkpoint at epoch {epoch + 1}, "
+                             f"batch {state.batch_in_epoch}")
+                    self.save("last")
+                    return preempted_exit_code(signum)
+                if state.batch_in_epoch < self.steps_per_epoch:  # --max_steps reached mid-epoch
+                    self.log(f"--max_steps {cfg.max_steps} reached at step {state.step}")
+                    self.save("last")
+                    return 0
+            average_buffers(self.model)  # identical BatchNorm statistics on every rank
+            row = self._validate_and_row(epoch, stats)
+            if row is None:  # a stop signal during validation: resume will validate this epoch again
+                self.save("last")
+                return preempted_exit_code(self.stop.signum)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.epoch_loss_sum, state.epoch_images = 0.0, 0
+            self.save("epoch", row)
+            if metrics is not None:
+                metrics.add({k: v for k, v in row.items() if k != "is_best"})
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                break
+        return 0
+
+    def _validate_and_row(self, epoch: int, stats: dict) -> dict | None:
+        cfg, state = self.cfg, self.state
+        totals = all_reduce_sum(torch.tensor([state.epoch_loss_sum, float(state.epoch_images)], dtype=torch.float64,
+                                             device=self.device)).tolist()
+        row = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1.0),
+               "val_loss": None, "val_acc1": None, "val_acc5": None,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "images_per_sec": stats.get("images_per_sec"), "data_wait_frac": stats.get("data_wait_frac"),
+               "epoch_time_s": stats.get("epoch_time_s"), "is_best": False}
+        due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        if due and self.loaders.val is not None:
+            t = time.perf_counter()
+            sums = evaluate(self.model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
+                            self.channels_last)
+            if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
+                return None
+            res = reduce_eval(sums)
+            row.update({k: res[k] for k in ("val_loss", "val_acc1", "val_acc5")})
+            row["is_best"] = res["val_acc1"] > state.best_acc1
+            state.best_acc1 = max(state.best_acc1, res["val_acc1"])
+            self.log(f"epoch {epoch + 1}: val top-1 {res['val_acc1']:.2f}% top-5 {res['val_acc5']:.2f}% "
+                     f"loss {res['val_loss']:.4f} on {res['val_images']:,} images ({time.perf_counter() - t:.1f} s)")
+        return row
+
+    def _progress(self, epoch: int):
+        if not self.info.is_primary:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}/"
+                    f"{self.cfg.epochs}", unit="batch", dynamic_ncols=True, leave=False)
+
+    def _summary(self, metrics: MetricsWriter, total_s: float) -> None:
+        rows = metrics.rows
+        vals = [r for r in rows if r.get("val_acc1") is not None]
+        best = max(vals, key=lambda r: r["val_acc1"]) if vals else None
+        ips = [r["images_per_sec"] for r in rows if r.get("images_per_sec")]
+        summary = {
+            "epochs": len(rows), "steps": self.state.step,
+            "best_acc1": best["val_acc1"] if best else None, "best_acc5": best["val_acc5"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_acc1": vals[-1]["val_acc1"] if vals else None, "final_acc5": vals[-1]["val_acc5"] if vals else None,
+            "total_time_s": total_s, "mean_images_per_sec": sum(ips) / len(ips) if ips else None,
+            "world_size": self.info.world_size, "global_batch": self.cfg.batch_size * self.info.world_size,
+            "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu",
+        }
+        write_json_atomic(os.path.join(self.paths.run_dir, "summary.json"), summary)
+        p = self.paths
+        self.log(f"done in {total_s:.0f} s: best top-1 {summary['best_acc1']}\n"
+                 f"  checkpoints: {p.ckpt_dir}\n  logs:        {p.log_dir}\n"
+                 f"  metrics:     {os.path.join(p.run_dir, 'metrics.csv')} (and metrics.jsonl)\n"
+                 f"  plot:        {os.path.join(p.run_dir, 'curves.png')}\n"
+                 f"  summary:     {os.path.join(p.run_dir, 'summary.json')}")

@@ -1,0 +1,162 @@
+"""End-to-end training runs on CPU with a tiny ResNet and tiny images."""
+
+import csv
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from rectrain import train as train_mod
+from rectrain.checkpoint import load as load_ckpt
+from rectrain.cli import main as cli_main
+from rectrain.config import resolve_config
+from rectrain.synth import make_synthetic
+
+TINY = ["--arch", "resnet18", "--width", "8", "--target_size", "32", "--batch_size", "8", "--workers", "0",
+        "--device", "cpu", "--print_freq", "2", "--lr", "0.05", "--warmup_epochs", "0.5", "--max_ratio", "1.5",
+        "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(str(root), classes=3, train_per_class=16, val_per_class=5, kind="tiny", seed=0)
+    return str(root)
+
+
+def run(data_dir, out, *extra, name="run"):
+    cfg = resolve_config(["--data_dir", data_dir, "--output", str(out), "--run_name", name, *TINY, *extra])
+    return train_mod.main(cfg)
+
+
+def model_of(path):
+    return load_ckpt(str(path))["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_epoch_run_writes_every_output(data_dir, tmp_path):
+    assert run(data_dir, tmp_path, "--epochs", "2") == 0
+    rd = tmp_path / "run"
+    ck = rd / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["best.pth", "checkpoint_epoch_001.pth", "checkpoint_epoch_002.pth", "last.pth"]
+    assert (rd / "logs" / "rank0.log").read_text().count("loss") >= 2
+    assert json.loads((rd / "config.json").read_text())["epochs"] == 2
+    rows = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["train_loss"] > 0 and 0 <= r["val_acc1"] <= r["val_acc5"] <= 100
+        assert r["images_per_sec"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["epoch_time_s"] > 0
+    assert rows[0]["lr"] > rows[1]["lr"] >= 0  # cosine decay, logged at the end of each epoch
+    with open(rd / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (rd / "curves.png").stat().st_size > 1000
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["best_acc1"] == max(r["val_acc1"] for r in rows)
+    ckpt = load_ckpt(str(ck / "last.pth"))  # weights_only=True inside
+    assert ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 0 and ckpt["config"]["epochs"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(data_dir, tmp_path):
+    assert run(data_dir, tmp_path, "--epochs", "2", name="straight") == 0
+    steps = load_ckpt(tmp_path / "straight/checkpoints/checkpoint_epoch_001.pth")["step"]
+    assert run(data_dir, tmp_path, "--epochs", "2", "--max_steps", str(steps), name="split") == 0
+    assert sorted(os.listdir(tmp_path / "split/checkpoints"))[:1] == ["best.pth"]
+    assert not (tmp_path / "split/checkpoints/checkpoint_epoch_002.pth").exists()
+    assert run(data_dir, tmp_path, "--epochs", "2", "--resume", "auto", name="split") == 0
+    assert_same_weights(model_of(tmp_path / "straight/checkpoints/last.pth"),
+                        model_of(tmp_path / "split/checkpoints/last.pth"))
+    rows = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    assert run(data_dir, tmp_path, "--epochs", "2", name="straight") == 0
+    import rectrain.engine as engine
+
+    real = engine.lr_at
+
+    def lr_at_then_signal(step, *a, **k):
+        if step == 3:  # a real SIGTERM, delivered in the middle of the first epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(engine, "lr_at", lr_at_then_signal)
+    assert run(data_dir, tmp_path, "--epochs", "2", name="stopped") == 128 + signal.SIGTERM
+    monkeypatch.setattr(engine, "lr_at", real)
+    ck = load_ckpt(tmp_path / "stopped/checkpoints/last.pth")
+    assert ck["epoch"] == 0 and ck["batch_in_epoch"] == 4  # the step in flight finished, then it stopped
+    assert run(data_dir, tmp_path, "--epochs", "2", "--resume", "auto", name="stopped") == 0
+    assert_same_weights(model_of(tmp_path / "straight/checkpoints/last.pth"),
+                        model_of(tmp_path / "stopped/checkpoints/last.pth"))
+
+
+def test_sigterm_during_validation_saves_and_resume_validates_again(data_dir, tmp_path, monkeypatch):
+    real_eval = train_mod.evaluate
+
+    def signal_then_eval(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", signal_then_eval)
+    assert run(data_dir, tmp_path, "--epochs", "1", name="v") == 128 + signal.SIGTERM
+    monkeypatch.setattr(train_mod, "evaluate", real_eval)
+    ck = load_ckpt(tmp_path / "v/checkpoints/last.pth")
+    assert ck["epoch"] == 0 and ck["batch_in_epoch"] == ck["steps_per_epoch"]
+    assert not (tmp_path / "v/checkpoints/checkpoint_epoch_001.pth").exists()
+    assert run(data_dir, tmp_path, "--epochs", "1", "--resume", "auto", name="v") == 0
+    rows = [json.loads(r) for r in (tmp_path / "v/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["val_acc1"] is not None
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(data_dir, tmp_path, capsys):
+    assert run(data_dir, tmp_path, "--epochs", "1", name="c") == 0
+    last = tmp_path / "c/checkpoints/last.pth"
+    last.unlink()  # last.pth is a hard link of the epoch file: replace it, don't write through it
+    last.write_bytes(b"\x00garbage")
+    assert run(data_dir, tmp_path, "--epochs", "2", "--resume", "auto", name="c") == 0
+    log = (tmp_path / "c/logs/rank0.log").read_text()
+    assert "last.pth cannot be loaded" in log and "resumed from" in log and "checkpoint_epoch_001.pth" in log
+    assert load_ckpt(last)["epoch"] == 2
+
+
+def test_two_process_gloo_run_keeps_replicas_identical_and_eval_agrees(data_dir, tmp_path, capfd):
+    assert run(data_dir, tmp_path, "--epochs", "1", "--nproc", "2", "--dist_port", "29517", name="ddp") == 0
+    digests = [re.findall(r"final weights sha1 (\w+)", (tmp_path / f"ddp/logs/rank{r}.log").read_text())
+               for r in (0, 1)]
+    assert digests[0] and digests[0] == digests[1]
+    # The 2-process run's validation must equal a 1-process evaluation of the same weights.
+    ckpt = str(tmp_path / "ddp/checkpoints/last.pth")
+    capfd.readouterr()
+    assert cli_main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--workers", "0", "--batch_size", "4",
+                     "--json"]) == 0
+    single = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    row = json.loads((tmp_path / "ddp/metrics.jsonl").read_text().splitlines()[0])
+    assert single["val_images"] == 15
+    assert (row["val_acc1"], row["val_acc5"]) == (single["val_acc1"], single["val_acc5"])
+    assert row["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+
+
+def test_existing_run_is_never_overwritten_without_resume(data_dir, tmp_path, capsys):
+    assert run(data_dir, tmp_path, "--epochs", "1", name="r") == 0
+    before = (tmp_path / "r/checkpoints/checkpoint_epoch_001.pth").read_bytes()
+    capsys.readouterr()
+    code = cli_main(["train", "--data_dir", data_dir, "--output", str(tmp_path), "--run_name", "r", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume auto" in err and err.count("\n") == 1
+    assert (tmp_path / "r/checkpoints/checkpoint_epoch_001.pth").read_bytes() == before
+
+
+def test_empty_data_dir_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    code = cli_main(["train", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
