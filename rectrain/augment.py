@@ -217,19 +217,21 @@ def random_erasing(x: torch.Tensor, prob: float, scale: tuple[float, float],
 
     Area uniform in ``scale`` x H*W, aspect (height/width) log-uniform in [0.3, 1/0.3], position uniform
     with the box inside the image. Up to ERASE_ATTEMPTS boxes are drawn per image, all at once, and the
-    first that fits is used. ``gen`` must live on x's device.
+    first that fits is used. ``gen`` must live on x's device. Cost: ~40 small kernels on (B, 10) tensors,
+    one (B, H, W) mask, one noise tensor and one select over the batch.
     """
     b, _, h, w = x.shape
+    (lo, hi), (log_lo, log_hi) = scale, ERASE_LOG_RATIO
     u = torch.rand(4, b, ERASE_ATTEMPTS, device=x.device, generator=gen)  # area, aspect, top, left
-    area = (scale[0] + (scale[1] - scale[0]) * u[0]) * (h * w)
-    ratio = torch.exp(ERASE_LOG_RATIO[0] + (ERASE_LOG_RATIO[1] - ERASE_LOG_RATIO[0]) * u[1])
-    bh, bw = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
-    fits = (bh >= 1) & (bw >= 1) & (bh <= h) & (bw <= w)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (0 if none: masked below)
-    bh, bw, ut, ul = (t.gather(1, first).squeeze(1) for t in (bh, bw, u[2], u[3]))
-    top, left = (ut * (h - bh + 1)).floor(), (ul * (w - bw + 1)).floor()
+    root_area = torch.add(lo * h * w, u[0], alpha=(hi - lo) * h * w).sqrt_()  # pixels
+    root_ratio = torch.add(log_lo / 2, u[1], alpha=(log_hi - log_lo) / 2).exp_()  # sqrt(height / width)
+    bh, bw = (root_area * root_ratio).round_(), (root_area / root_ratio).round_()
+    fits = (bh <= h) & (bw <= w) & (bh * bw > 0)  # (B, attempts)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (0 if none: not erased)
+    bh, bw, ut, ul = torch.stack((bh, bw, u[2], u[3])).gather(2, first.expand(4, b, 1)).squeeze(2)
+    top, left = (h + 1 - bh).mul_(ut).floor_(), (w + 1 - bw).mul_(ul).floor_()
     erase = fits.any(dim=1) & (torch.rand(b, device=x.device, generator=gen) < prob)
-    mask = _box_mask(h, w, top, top + bh, left, left + bw) & erase.view(b, 1, 1, 1)
+    mask = _box_mask(h, w, top, top + bh, left, left + bw, erase)
     noise = torch.empty_like(x).normal_(generator=gen)  # x's dtype and memory format
     return torch.where(mask, noise, x)
 
@@ -238,25 +240,29 @@ def cutout(x: torch.Tensor, prob: float, n_holes: int, length: int,
            gen: torch.Generator | None = None) -> torch.Tensor:
     """Per image, with probability ``prob``, ``n_holes`` squares of side ``length`` set to 0 (DeVries & Taylor):
     centre uniform over the pixels, clipped at the borders, holes may overlap. ``gen`` lives on x's device."""
+    if n_holes < 1:
+        return x
     b, _, h, w = x.shape
     apply = torch.rand(b, device=x.device, generator=gen) < prob
-    mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
+    mask = None
     for _ in range(n_holes):  # a loop over holes, not images
         centre = torch.rand(2, b, device=x.device, generator=gen)
-        y0 = (centre[0] * h).floor() - length // 2
-        x0 = (centre[1] * w).floor() - length // 2
-        mask |= _box_mask(h, w, y0, y0 + length, x0, x0 + length)  # the grid clips boxes at the borders
-    mask &= apply.view(b, 1, 1, 1)
-    return torch.where(mask, x.new_zeros(()), x)
+        y0 = centre[0].mul_(h).floor_().sub_(length // 2)
+        x0 = centre[1].mul_(w).floor_().sub_(length // 2)
+        hole = _box_mask(h, w, y0, y0 + length, x0, x0 + length, apply)  # the grid clips at the borders
+        mask = hole if mask is None else mask.logical_or_(hole)
+    return torch.where(mask, 0.0, x)
 
 
-def _box_mask(h: int, w: int, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor):
-    """(B, 1, H, W) bool, True where y0 <= row < y1 and x0 <= col < x1; bounds are (B,) float tensors."""
+def _box_mask(h: int, w: int, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) bool, True where keep and y0 <= row < y1 and x0 <= col < x1; arguments are (B,) tensors
+    (bounds float). Built from a (B, H, 1) row mask and a (B, 1, W) column mask: one full-size op."""
     rows = torch.arange(h, device=y0.device, dtype=y0.dtype).view(1, h, 1)
     cols = torch.arange(w, device=y0.device, dtype=y0.dtype).view(1, 1, w)
-    inside = ((rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
-              & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1)))
-    return inside.unsqueeze(1)
+    in_rows = (rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1)) & keep.view(-1, 1, 1)
+    in_cols = (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1))
+    return (in_rows & in_cols).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------

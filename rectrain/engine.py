@@ -19,6 +19,7 @@ from rectrain.distributed import StopFlag, all_reduce_sum
 from rectrain.errors import UserError
 from rectrain.losses import augmented_loss
 from rectrain.schedule import lr_at, set_lr
+from rectrain.transforms import DecodeError
 
 DATA_WAIT_WARN = 0.10  # warn once when more than 10% of step time is spent waiting for data
 
@@ -95,7 +96,7 @@ def train_one_epoch(ctx: StepContext, loader, state: TrainState, stop: StopFlag,
     t_start = t_last = time.perf_counter()
     interval_wait, interval_start, interval_images = 0.0, t_start, 0
     signum = 0
-    for images, labels, failed in loader:
+    for images, labels, failed in _guarded(loader):
         now = time.perf_counter()
         wait += now - t_last
         interval_wait += now - t_last
@@ -159,6 +160,21 @@ def train_one_epoch(ctx: StepContext, loader, state: TrainState, stop: StopFlag,
     return stats, signum
 
 
+def _guarded(loader):
+    """Iterate a loader, turning 'a whole run of images cannot be decoded' into one clear message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DecodeError as e:  # from a worker it carries the worker's traceback: keep our line only
+            line = next((ln for ln in str(e).splitlines() if "failed to decode" in ln), str(e).splitlines()[0])
+            raise DecodeFailures(f"{line[:500]}. The storage may be failing or the dataset changed since it was "
+                                 "scanned: check the files, then run `rectrain scan --data_dir ...`") from None
+        yield batch
+
+
 def _record_failures(ctx: StepContext, state: TrainState, failed: list[str]) -> None:
     for f in failed:
         ctx.log(f"warning: could not decode {f}; replaced by another image of the same shape")
@@ -192,7 +208,7 @@ def evaluate(model: torch.nn.Module, loader, normalize, autocast, stop: StopFlag
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=normalize.device)  # loss, correct1, correct5, count
-    for images, labels, _failed in loader:
+    for images, labels, _failed in _guarded(loader):
         if stop is not None and stop.signum:
             return None
         images, labels = normalize(images, labels)

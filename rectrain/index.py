@@ -65,17 +65,26 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_class(class_dir: str, prefix: str, out: list, skipped: dict[str, int]) -> None:
-    """Append (relative path, size, mtime_ns) of every image under ``class_dir`` (recursively) to ``out``."""
+def _walk_class(class_dir: str, prefix: str, out: list, skipped: dict[str, int], seen: set | None = None) -> None:
+    """Append (relative path, size, mtime_ns) of every image under ``class_dir`` (recursively) to ``out``.
+
+    ``seen``: (device, inode) of the folders on the way down, so a symlink back up is skipped, not followed forever.
+    """
     try:
+        st = os.stat(class_dir)
         entries = list(os.scandir(class_dir))
     except OSError as e:
         raise UserError(f"cannot list {class_dir}: {e.strerror}; check its permissions") from e
+    seen = (seen or set()) | {(st.st_dev, st.st_ino)}
     for entry in entries:
         if entry.name.startswith("."):
             skipped["hidden"] = skipped.get("hidden", 0) + 1
         elif entry.is_dir():
-            _walk_class(entry.path, prefix + entry.name + "/", out, skipped)
+            sub = entry.stat()
+            if (sub.st_dev, sub.st_ino) in seen:
+                skipped["symlink_loop"] = skipped.get("symlink_loop", 0) + 1
+            else:
+                _walk_class(entry.path, prefix + entry.name + "/", out, skipped, seen)
         elif not entry.is_file():  # broken symlink, socket, ...
             skipped["not_file"] = skipped.get("not_file", 0) + 1
         elif not _is_image(entry.name):

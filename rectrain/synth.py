@@ -164,7 +164,9 @@ def make_synthetic(out: str, classes: int, train_per_class: int, val_per_class: 
     counts = {"train": train_per_class, "val": val_per_class}
     _prepare(out, counts, force)
     jobs = _jobs(out, classes, counts, kind, seed)
-    workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
+    if workers is None:  # the cores this process may use (a job scheduler may grant fewer than cpu_count)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, workers)
     chunks = [jobs[s:s + CHUNK] for s in range(0, len(jobs), CHUNK)]
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), unit="img", desc="synth", file=sys.stderr,

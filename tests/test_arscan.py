@@ -173,9 +173,10 @@ def _bad_files(d):
     (d / "noisy.jpg").unlink()
     (cls / "text.jpg").write_text("this is not a picture\n")
     _img(cls / "huge.png", (200, 100))
-    png = _img(d / "tmp.png", (40, 30)).read_bytes()
-    (cls / "truncated.png").write_bytes(png[:-20])
-    (d / "tmp.png").unlink()
+    Image.fromarray(noisy).save(d / "noisy.png")
+    png = (d / "noisy.png").read_bytes()
+    (cls / "truncated.png").write_bytes(png[: len(png) // 2])  # half of the pixel data missing
+    (d / "noisy.png").unlink()
     return {"cat/empty.jpg": "empty", "cat/truncated.jpg": "truncated", "cat/cut_header.jpg": "truncated", "cat/text.jpg": "not an image",
             "cat/huge.png": "decompression bomb", "cat/truncated.png": "truncated"}
 
@@ -202,6 +203,19 @@ def test_jpeg_with_zero_padding_after_end_marker_is_fine(data):
     path = data / "train" / "cat" / "padded.jpg"
     path.write_bytes((data / "train" / "cat" / "wide.jpg").read_bytes() + b"\x00" * 100)
     assert read_size(str(path)) == (30, 40)
+
+
+def test_jpeg_with_data_appended_after_end_marker_is_fine(data):
+    path = data / "train" / "cat" / "trailer.jpg"  # camera trailers, motion photos: decodable files
+    path.write_bytes((data / "train" / "cat" / "wide.jpg").read_bytes() + b"TRAILER" * 1000)
+    assert read_size(str(path)) == (30, 40)
+
+
+def test_jpeg_missing_only_its_end_marker_is_truncated(data):
+    path = data / "train" / "cat" / "noeoi.jpg"
+    path.write_bytes((data / "train" / "cat" / "wide.jpg").read_bytes()[:-2])
+    with pytest.raises(BadImage, match="truncated"):
+        read_size(str(path))
 
 
 def test_read_size_raises_bad_image_with_reason(tmp_path):

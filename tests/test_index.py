@@ -66,6 +66,12 @@ def test_images_in_subfolders_of_a_class_belong_to_it(data):
     assert ix.classes[ix.labels[ix.paths.tolist().index("ant/sub/c.jpg")]] == "ant"
 
 
+def test_symlink_loop_inside_a_class_is_skipped_not_followed(data):
+    (data / "train" / "ant" / "loop").symlink_to(data / "train" / "ant", target_is_directory=True)
+    ix = build_index(str(data), "train")
+    assert len(ix) == 6 and ix.skipped == {"symlink_loop": 1}
+
+
 def test_val_uses_train_class_map(data):
     train = build_index(str(data), "train")
     val = build_index(str(data), "val", classes=train.classes)

@@ -160,3 +160,20 @@ def test_empty_data_dir_is_one_clear_line(tmp_path, capsys):
     code = cli_main(["train", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"), *TINY])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_decode_failures_past_the_limit_stop_with_a_clear_message(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_synthetic(str(data), classes=2, train_per_class=10, val_per_class=2, kind="tiny", seed=2)
+    from rectrain.arscan import scan_split
+    scan = scan_split(str(data), "train")
+    for rel in scan.index.paths:  # every file now fails to decode, yet the cached scan still lists it
+        path = os.path.join(scan.index.split_dir, str(rel))
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.write(b"\0" * st.st_size)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code = cli_main(["train", "--data_dir", str(data), "--output", str(tmp_path / "out"), "--epochs", "1",
+                     "--max_decode_failures", "3", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "failed to decode" in err and "Traceback" not in err
