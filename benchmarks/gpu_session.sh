@@ -44,13 +44,13 @@ timeout 90 python -m rectrain bench loader --data_dir $DATA --workers $W $LB 2>&
 if [ "$S" = 1 ]; then E2E="--batch_size 8 --target_size 64 --arch resnet18 --width 8 --device cpu"; else E2E="--batch_size 256"; fi
 sec "end-to-end: train_g4.dn_12xlarge.py 3 epochs from JPEG, $E2E" | tee "$OUT/e2e.txt"
 timeout 240 python train_g4.dn_12xlarge.py --data_dir $DATA --epochs 3 --workers $W --print_freq 5 \
-    --output /tmp/rectrain_runs --run_name e2e $E2E 2>&1 | grep -v "it/s\|batch/s" | tee -a "$OUT/e2e.txt"
+    --output /tmp/rectrain_runs --run_name e2e $E2E 2>&1 | tr '\r' '\n' | grep -v 'batch/s' | tee -a "$OUT/e2e.txt"
 cp /tmp/rectrain_runs/e2e/metrics.csv "$OUT/e2e_metrics.csv" 2>/dev/null
 cp /tmp/rectrain_runs/e2e/summary.json "$OUT/e2e_summary.json" 2>/dev/null
 
 sec "fp16 + GradScaler: stop at step 8, resume to the end of epoch 1" | tee "$OUT/fp16.txt"
 timeout 90 python -m rectrain train --data_dir $DATA --epochs 1 --amp_dtype fp16 --max_steps 8 --workers $W \
-    --print_freq 4 --output /tmp/rectrain_runs --run_name fp16 $E2E 2>&1 | grep -v "batch/s" | tail -5 | tee -a "$OUT/fp16.txt"
+    --print_freq 4 --output /tmp/rectrain_runs --run_name fp16 $E2E 2>&1 | tr '\r' '\n' | grep -v 'batch/s' | tail -5 | tee -a "$OUT/fp16.txt"
 timeout 90 python -m rectrain train --data_dir $DATA --epochs 1 --amp_dtype fp16 --resume auto --workers $W \
-    --print_freq 4 --output /tmp/rectrain_runs --run_name fp16 $E2E 2>&1 | grep -v "batch/s" | tail -6 | tee -a "$OUT/fp16.txt"
+    --print_freq 4 --output /tmp/rectrain_runs --run_name fp16 $E2E 2>&1 | tr '\r' '\n' | grep -v 'batch/s' | tail -6 | tee -a "$OUT/fp16.txt"
 echo "=== done $(date +%T)"
