@@ -116,14 +116,14 @@ def main() -> None:
     default_aug = BatchAugment(AugmentationConfig(), seed=0, device=device)
     step_aug_ms = timer(device, make_step(model, opt, default_aug, images, labels, amp_dtype), iters, args.warmup)
 
-    print(f"\n{'':<44} {'ms':>9} {'% of step':>10}")
-    print(f"{'training step, no augmentation':<44} {step_ms:>9.3f} {100.0:>9.1f}%")
-    print(f"{'training step + aug (seed defaults)':<44} {step_aug_ms:>9.3f} {100 * step_aug_ms / step_ms:>9.1f}%")
+    print(f"\n{'':<54} {'ms':>9} {'% of step':>10}")
+    print(f"{'training step, no augmentation':<54} {step_ms:>9.3f} {100.0:>9.1f}%")
+    print(f"{'training step + aug (seed defaults)':<54} {step_aug_ms:>9.3f} {100 * step_aug_ms / step_ms:>9.1f}%")
     aug_iters = iters * 4  # the augmentation is cheap: more iterations for a stable median
     for name, overrides in SETTINGS.items():
         aug = BatchAugment(AugmentationConfig(**overrides), seed=0, device=device)
         ms = timer(device, lambda: aug(images, labels), aug_iters, args.warmup)
-        print(f"{'aug alone: ' + name:<44} {ms:>9.3f} {100 * ms / step_ms:>9.2f}%")
+        print(f"{'aug alone: ' + name:<54} {ms:>9.3f} {100 * ms / step_ms:>9.2f}%")
 
 
 if __name__ == "__main__":

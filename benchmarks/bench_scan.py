@@ -104,15 +104,15 @@ def make_hardlink_set(src_dir: str, dst: str, files: int, classes: int = 100) ->
         made += min(per, files - made)
 
 
-def warm_row(data_dir: str, workers: int, repeats: int) -> tuple[float, float, int]:
-    """(cold seconds, best warm-start seconds, files) of scan_split on ``data_dir`` (cache beside it)."""
+def warm_row(data_dir: str, workers: int, repeats: int) -> tuple[float, float, int, int]:
+    """(cold seconds, best warm-start seconds, files, cache bytes) of scan_split on ``data_dir`` (cache beside it)."""
     t0 = time.perf_counter()
     first = scan_split(data_dir, "train", workers=workers, progress=True)
     cold = time.perf_counter() - t0
     assert not first.from_cache  # a fresh folder: the first call must scan
     warm = best_of(lambda: scan_split(data_dir, "train", workers=workers), repeats)
     assert scan_split(data_dir, "train").from_cache
-    return cold, warm, len(first.index)
+    return cold, warm, len(first.index), os.path.getsize(first.cache_path)
 
 
 def main() -> int:
@@ -145,9 +145,9 @@ def main() -> int:
             make_hardlink_set(data_dir, big, a.warm_files)
             print(f"\nwarm start ({a.warm_files:,} hard-linked JPEGs, made in {time.perf_counter() - t0:.1f} s), "
                   f"best of {a.repeats}:")
-            cold, warm, n = warm_row(big, workers, a.repeats)
-            print(f"  {'files':>8} {'cold scan s':>11} {'cold hdr/s':>10} {'warm start s':>12}")
-            print(f"  {n:>8,} {cold:>11.2f} {n / cold:>10,.0f} {warm:>12.3f}")
+            cold, warm, n, nbytes = warm_row(big, workers, a.repeats)
+            print(f"  {'files':>8} {'cold scan s':>11} {'cold hdr/s':>10} {'warm start s':>12} {'cache MB':>8}")
+            print(f"  {n:>8,} {cold:>11.2f} {n / cold:>10,.0f} {warm:>12.3f} {nbytes / 1e6:>8.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "BadImage", "SplitScan", "rea
            "cache_name", "add_arguments", "run"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
-FORMAT_VERSION = 1  # of the cache file; bump when its contents or the scan's rules change
+FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
 # Files: below this the scan runs inline. One core reads ~18k headers/s of page-cached ImageNet-sized
 # JPEGs; a forked pool starts in milliseconds and already wins at 2,000 files (benchmarks/bench_scan.py).
 INLINE_BELOW = 2000
@@ -85,6 +85,12 @@ def _orientation(im: Image.Image) -> int:
     except Exception:  # corrupt EXIF is bad metadata, not a bad image
         return 1
     return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
+def _sized_upright_by_pillow(im: Image.Image) -> bool:
+    """Recent Pillow reports a rotated TIFF's size upright already (and rotates it on load): don't swap twice.
+    Told apart from older Pillow by the stored width/length tags (256, 257)."""
+    return im.format == "TIFF" and (im.tag_v2.get(256), im.tag_v2.get(257)) != im.size
 
 
 def _check_end(im: Image.Image, f, fmt: str) -> None:
@@ -133,7 +139,8 @@ def _header(f, max_pixels: int) -> tuple[int, int]:
         raise BadImage(f"decompression bomb: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                        f"(raise --max_pixels to accept it)")
     _check_end(im, f, im.format)
-    return (w, h) if _orientation(im) in _SWAPS_AXES else (h, w)
+    upright = _orientation(im) not in _SWAPS_AXES or _sized_upright_by_pillow(im)
+    return (h, w) if upright else (w, h)
 
 
 def read_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -259,20 +266,28 @@ def _cache_candidates(data_dir: str, split: str, cache_dir: str | None) -> list[
     return out
 
 
-def _load_cache(path: str, fp: str) -> tuple[ImageIndex, np.ndarray, list[tuple[str, str]]] | None:
-    """The cached scan when ``path`` holds one with fingerprint ``fp``; None if absent, stale or corrupt."""
+def _load_cache(path: str, fp: str, files: FileList) -> tuple[ImageIndex, np.ndarray, list[tuple[str, str]]] | None:
+    """The cached scan of ``files`` when ``path`` holds one with fingerprint ``fp``; None if absent, stale or corrupt.
+
+    The fingerprint pins the file list, so the usable samples are the walk's own arrays under the cached
+    ``usable`` mask: the cached ``paths`` (UTF-8 bytes, for people and other tools) need no decoding.
+    """
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) != FORMAT_VERSION or str(z["fingerprint"]) != fp:
                 return None
-            index = ImageIndex("", z["classes"].tolist(), z["paths"], z["labels"].astype(np.int64))
+            usable = z["usable"].astype(bool)
+            labels = z["labels"].astype(np.int64)
             sizes = z["sizes"].astype(np.int32).reshape(-1, 2)
             bad = list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist()))
     except Exception:  # truncated zip, missing key, wrong dtype...: rebuild it
         return None
-    if len(index.paths) != len(index.labels) or len(sizes) != len(index.paths):
+    if usable.shape != (len(files.index),) or len(sizes) != usable.sum() or len(bad) != (~usable).sum():
+        return None
+    index = files.index.subset(usable)
+    if not np.array_equal(index.labels, labels):
         return None
     return index, sizes, bad
 
@@ -292,13 +307,17 @@ def _write_atomic(path: str, arrays: dict) -> None:
         raise
 
 
-def _save_cache(candidates: list[str], fp: str, scan: SplitScan) -> str | None:
-    """Write the cache to the first writable candidate folder; its path, or None when none is writable."""
-    bad_paths = [p for p, _ in scan.bad]
+def _save_cache(candidates: list[str], fp: str, scan: SplitScan, usable: np.ndarray) -> str | None:
+    """Write the cache to the first writable candidate folder; its path, or None when none is writable.
+
+    ``usable``: (N_files,) bool over the walked file list. Paths are stored as UTF-8 bytes: a quarter of
+    numpy's UTF-32 (ImageNet's train list: ~37 MB instead of ~150 MB).
+    """
+    paths = np.array([p.encode("utf-8", "surrogateescape") for p in scan.index.paths.tolist()], dtype=bytes)
     arrays = dict(version=np.int64(FORMAT_VERSION), fingerprint=np.str_(fp),
-                  classes=np.array(scan.index.classes, dtype=str), paths=scan.index.paths,
-                  labels=scan.index.labels, sizes=scan.sizes,
-                  bad_paths=np.array(bad_paths, dtype=str).reshape(-1),
+                  classes=np.array(scan.index.classes, dtype=str), usable=usable,
+                  paths=paths.reshape(-1), labels=scan.index.labels, sizes=scan.sizes,
+                  bad_paths=np.array([p for p, _ in scan.bad], dtype=str).reshape(-1),
                   bad_reasons=np.array([r for _, r in scan.bad], dtype=str).reshape(-1))
     for path in candidates:
         if _dir_writable(os.path.dirname(path)):
@@ -317,7 +336,7 @@ def _fresh_scan(files: FileList, max_pixels: int, workers: int | None, progress:
     if len(index) == 0:
         raise UserError(f"none of the {len(files.index)} image files in {files.index.split_dir} is usable "
                         f"(first: {files.index.paths[0]}: {bad[0][1]}); check the data")
-    return index, sizes[ok], [(str(files.index.paths[i]), reason) for i, reason in bad]
+    return index, sizes[ok], [(str(files.index.paths[i]), reason) for i, reason in bad], ok
 
 
 def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
@@ -336,14 +355,12 @@ def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, c
     fp = fingerprint(files, max_pixels)
     candidates = _cache_candidates(data_dir, split, cache_dir)
     for path in candidates:
-        hit = _load_cache(path, fp)
+        hit = _load_cache(path, fp, files)
         if hit is not None:
-            index, sizes, bad = hit
-            index.split_dir, index.skipped = files.index.split_dir, files.index.skipped
-            return SplitScan(index, sizes, bad, path, True, time.perf_counter() - t0)
-    index, sizes, bad = _fresh_scan(files, max_pixels, workers, progress)
+            return SplitScan(*hit, path, True, time.perf_counter() - t0)
+    index, sizes, bad, usable = _fresh_scan(files, max_pixels, workers, progress)
     scan = SplitScan(index, sizes, bad, None, False, 0.0)
-    scan.cache_path = _save_cache(candidates, fp, scan)
+    scan.cache_path = _save_cache(candidates, fp, scan, usable)
     scan.seconds = time.perf_counter() - t0
     return scan
 

@@ -11,16 +11,16 @@ allowed, on its device and in its dtype (fp32/bf16/fp16; channels_last is kept) 
 Where the randomness lives, so that nothing waits on the device (no ``.item()``, no ``.cpu()``, no Python
 ``if`` on a device value):
 - per-batch scalars (mix this batch or not, MixUp or CutMix, lam, the CutMix box) are drawn on the CPU
-  from a CPU generator: five numbers per batch, no device round trip, and lam comes back as a float
-  that the loss uses directly;
+  from a CPU generator: a handful of numbers per batch, no device round trip, and lam comes back as a
+  Python float that the loss uses directly;
 - per-sample decisions and pixel fills (Random Erasing, Cutout) are drawn on the device, as tensors,
   and applied through (B, 1, H, W) masks built by broadcasting a coordinate grid against per-sample box
   tensors: no Python loop over images.
 
 Pairs are formed by flipping the batch (image i mixes with image B-1-i, as timm does): no random gather,
 and ``labels_b = labels.flip(0)``. Random Erasing fills with standard-normal noise (the data's spread on
-the normalised scale, as the paper's random-value mode); Cutout fills with 0 (the dataset mean on the
-normalised scale), as the Cutout paper and the seed do.
+the normalised scale, the paper's random-value mode); Cutout fills with 0 (the dataset mean on the
+normalised scale), as the Cutout paper does (the seed does not say).
 References: MixUp (Zhang et al. 2018, arXiv:1710.09412), CutMix (Yun et al. 2019, arXiv:1905.04899),
 Random Erasing (Zhong et al. 2020, arXiv:1708.04896), Cutout (DeVries & Taylor 2017, arXiv:1708.04552).
 """
@@ -198,7 +198,7 @@ def _beta(alpha: float, gen: torch.Generator | None) -> float:
 
 
 def mixup(x: torch.Tensor, lam: float) -> torch.Tensor:
-    """lam * x + (1 - lam) * x.flip(0), in one kernel (lerp) reading a flipped copy: x is never written."""
+    """lam * x + (1 - lam) * x.flip(0): a flipped copy, then one lerp kernel into a new tensor (x is not written)."""
     return torch.lerp(x.flip(0), x, lam)
 
 

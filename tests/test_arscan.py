@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rectrain import arscan
 from rectrain.arscan import BadImage, read_size, scan_split
@@ -48,6 +48,16 @@ def test_exif_orientation_6_swaps_height_and_width(data):
     assert _size_of(scan_split(str(data), "train"), "dog/rotated.jpg") == (40, 30)
 
 
+def test_tiff_orientation_6_swaps_height_and_width_once(data):
+    from PIL import TiffImagePlugin
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x0112] = 6
+    path = _img(data / "r6.tif", (40, 30), tiffinfo=tags)
+    assert read_size(str(path)) == (40, 30)
+    with Image.open(path) as im:  # what a decoder shows, upright
+        assert ImageOps.exif_transpose(im).size == (30, 40)
+
+
 def test_png_exif_orientation_before_the_pixels_is_honoured(data):
     exif = Image.Exif()
     exif[0x0112] = 8
@@ -87,10 +97,10 @@ def test_cache_is_written_beside_the_data_and_reused(data):
 def test_cache_is_a_plain_npz_readable_without_pickle(data):
     scan_split(str(data), "train")
     with np.load(data / "sorted_idxar_train.npz", allow_pickle=False) as z:
-        assert z["paths"].tolist() == ["cat/tall.png", "cat/wide.jpg", "dog/square.jpg"]
+        assert [p.decode() for p in z["paths"].tolist()] == ["cat/tall.png", "cat/wide.jpg", "dog/square.jpg"]
         assert z["classes"].tolist() == ["cat", "dog"]
         assert z["sizes"].shape == (3, 2) and int(z["version"]) == arscan.FORMAT_VERSION
-        assert {"labels", "bad_paths", "bad_reasons", "fingerprint"} <= set(z.files)
+        assert {"labels", "usable", "bad_paths", "bad_reasons", "fingerprint"} <= set(z.files)
 
 
 def test_adding_a_file_invalidates_the_cache(data):
