@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml requirements-dev.txt constraints-dev.txt
 
 # The demo: a small learnable dataset (made once), then a real ResNet-50 run at 64 px.
 DEMO_DATA ?= demo_data
-DEMO_ARGS ?= --epochs 6 --batch_size 32 --lr 0.2 --warmup_epochs 1 --target_size 64 --workers 2 \
+DEMO_ARGS ?= --epochs 6 --batch_size 32 --lr 0.1 --warmup_epochs 1 --target_size 64 --workers 2 \
              --print_freq 5 --run_name demo --val_every 1
 
 demo: setup
-	test -d $(DEMO_DATA)/train || $(PY) -m rectrain synth --out $(DEMO_DATA) --classes 4 \
-	    --train_per_class 80 --val_per_class 20 --kind tiny --seed 0
+	test -d $(DEMO_DATA)/train || $(PY) -m rectrain synth --out $(DEMO_DATA) --classes 8 \
+	    --train_per_class 50 --val_per_class 15 --kind tiny --seed 0
 	rm -rf runs_rect_ddp/demo
 	$(PY) train_g4.dn_12xlarge.py --data_dir $(DEMO_DATA) $(DEMO_ARGS)
 

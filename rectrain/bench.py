@@ -27,8 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=256, help="images per batch")
     p.add_argument("--target_size", type=int, default=224, help="crop short side (short_side mode)")
     p.add_argument("--rect_mode", choices=list(RECT_MODES), default="short_side", help="bucket shapes")
-    p.add_argument("--batches", type=int, default=50, help="batches to time after the warm-up")
-    p.add_argument("--warmup", type=int, default=5, help="batches to skip before timing (worker start-up)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="batches to time after the warm-up (default: 10 per worker + 20)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="batches to skip before timing (default: 4 per worker + 2, i.e. worker start-up and the "
+                        "batches the workers prefetched, which would otherwise inflate the figure)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -64,8 +67,11 @@ def measure_loader(data_dir: str, workers: int, batch_size: int, target_size: in
 
 
 def run(args: argparse.Namespace) -> int:
-    res = measure_loader(args.data_dir, args.workers, args.batch_size, args.target_size, args.batches,
-                         args.warmup, args.rect_mode, args.seed)
+    w = max(args.workers, 1)
+    batches = args.batches if args.batches is not None else 10 * w + 20
+    warmup = args.warmup if args.warmup is not None else 4 * w + 2  # DataLoader prefetch_factor is 4
+    res = measure_loader(args.data_dir, args.workers, args.batch_size, args.target_size, batches,
+                         warmup, args.rect_mode, args.seed)
     if args.json:
         print(json.dumps(res))
     else:
