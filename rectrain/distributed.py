@@ -19,6 +19,9 @@ import os
 import re
 import signal
 import socket
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +34,9 @@ from rectrain.errors import UserError
 # shell's convention (143 for SIGTERM, 130 for SIGINT). Schedulers treat it as "preempted, requeue".
 def preempted_exit_code(signum: int) -> int:
     return 128 + signum
+
+
+FAILURE_GRACE_S = 60  # after one worker fails, how long the others get to exit before they are killed
 
 
 @dataclass(frozen=True)
@@ -148,23 +154,52 @@ def launch(worker: Callable[[DistInfo], int], device: str = "auto", nproc: int |
 
 
 def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -> int:
+    """Start ``nproc`` workers and wait for all of them.
+
+    A preemption stop (exit 130/143) is not a failure: the other ranks are left to finish their own
+    checkpoint-and-exit. Any other non-zero exit is: the remaining workers are terminated. SIGTERM sent
+    to this launcher alone (`kill PID`) is forwarded to the workers, which then stop cleanly; SIGINT from
+    a terminal already reaches the whole process group.
+    """
+    import multiprocessing.connection
     import torch.multiprocessing as mp
 
     if _port_in_use(int(port)):
         raise UserError(f"--dist_port {port} is already in use on this machine (another run?); pick a free port")
     ctx = mp.start_processes(_local_entry, args=(worker, device, nproc, port, timeout_s), nprocs=nproc,
                              join=False, start_method="spawn")
+    procs = ctx.processes
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: _signal_all(procs, signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the workers got it too and stop cleanly
     try:
-        while not ctx.join():
-            pass
-    except mp.ProcessExitedException as e:
-        # A worker exited non-zero (a preemption stop included): pass its status on.
-        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
-    except KeyboardInterrupt:  # the children got SIGINT too and save their checkpoint
-        for p in ctx.processes:
-            p.join()
-        return max((p.exitcode or 0) for p in ctx.processes) or 130
-    return 0
+        failed, failed_at = None, 0.0
+        while any(p.is_alive() for p in procs):
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
+            bad = [p for p in procs if p.exitcode not in (None, 0, 130, 143)]
+            if bad and failed is None:
+                failed, failed_at = bad[0].exitcode, time.monotonic()
+                _signal_all(procs, signal.SIGTERM)  # the others try to stop cleanly...
+            if failed is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                for p in procs:  # ...but may be stuck in a collective with the dead rank
+                    if p.is_alive():
+                        p.kill()
+        codes = [p.exitcode for p in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed is not None:
+        return failed if failed > 0 else 1
+    return max(codes) if any(codes) else 0
+
+
+def _signal_all(procs, signum: int) -> None:
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def _port_in_use(port: int) -> bool:
@@ -180,9 +215,16 @@ def _port_in_use(port: int) -> bool:
 def _local_entry(local_rank: int, worker, device: str, nproc: int, port: str, timeout_s: float) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    code = _run_worker(worker, device, timeout_s)
+    try:
+        code = _run_worker(worker, device, timeout_s)
+    except UserError as e:  # one line per rank, like the single-process CLI
+        print(f"rectrain: error (rank {local_rank}): {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     if code:
-        raise SystemExit(code)
+        os._exit(code)  # skip torch's wrapper, which would report a plain exit as a crash
 
 
 def _run_worker(worker, device: str, timeout_s: float) -> int:

@@ -177,3 +177,51 @@ def test_decode_failures_past_the_limit_stop_with_a_clear_message(tmp_path, caps
                      "--max_decode_failures", "3", *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "failed to decode" in err and "Traceback" not in err
+
+
+def test_sigterm_to_the_launcher_stops_both_ranks_cleanly(data_dir, tmp_path):
+    """A real 2-process run; `kill PID` of the launcher reaches both ranks, which agree and save."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rectrain", "train", "--data_dir", data_dir, "--output", str(out), "--run_name", "p",
+           *TINY, "--epochs", "200", "--nproc", "2", "--dist_port", "29531", "--print_freq", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "p" / "logs" / "rank0.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "epoch 2 batch" in log.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    for rank in (0, 1):
+        assert "stopping on signal 15" in (out / "p" / "logs" / f"rank{rank}.log").read_text()
+    ck = load_ckpt(out / "p" / "checkpoints" / "last.pth")
+    assert ck["epoch"] >= 1 and len(ck["rng"]) == 2
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    assert run(data_dir, tmp_path, "--epochs", "1", name="nan") == 0
+    good = (tmp_path / "nan/checkpoints/last.pth").read_bytes()
+    import rectrain.engine as engine
+    real = engine.augmented_loss
+    calls = []
+
+    def loss_turning_nan(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(engine, "augmented_loss", loss_turning_nan)
+    capsys.readouterr()
+    code = cli_main(["train", "--data_dir", data_dir, "--output", str(tmp_path), "--run_name", "nan", *TINY,
+                     "--epochs", "2", "--resume", "auto"])
+    err = capsys.readouterr().err
+    step = load_ckpt(tmp_path / "nan/checkpoints/last.pth")["step"]
+    message = err.strip().splitlines()[-1]
+    # the third step after resuming: steps are counted from 1, as in the progress lines
+    assert code == 2 and f"non-finite at step {step + 3} " in message, message
+    assert "--lr" in message and "--weight_decay" in message
+    assert (tmp_path / "nan/checkpoints/last.pth").read_bytes() == good
