@@ -128,23 +128,29 @@ def main() -> None:
     std_loader = torch.utils.data.DataLoader(StandardDataset(files, scan.index.labels, transform),
                                              batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                              persistent_workers=args.workers > 0, drop_last=True)
-    ours = build_loaders(scan, None, make_buckets(args.target_size), batch_size=args.batch_size,
-                         val_batch_size=args.batch_size, workers=args.workers, seed=0, rank=0, world_size=1).train
+    def ours(decoder):
+        return build_loaders(scan, None, make_buckets(args.target_size), batch_size=args.batch_size,
+                             val_batch_size=args.batch_size, workers=args.workers, seed=0, rank=0, world_size=1,
+                             decoder=decoder).train
 
+    from rectrain import transforms
+    decoders = ["pil"] + (["opencv"] if transforms.cv2 is not None else [])
     torch.set_num_threads(1)
     std_ips = time_loader(std_loader, args.batches, args.warmup)
-    our_ips = time_loader(ours, args.batches, args.warmup)
+    our_ips = {d: time_loader(ours(d), args.batches, args.warmup) for d in decoders}
     mean_px = scan.sizes.astype(np.float64).prod(axis=1).mean()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch {torch.__version__}")
     print(f"data: {len(files)} JPEGs from {'--data_dir ' + args.data_dir if args.data_dir else 'rectrain synth --kind imagenet'}"
           f", mean {mean_px / 1e3:.0f} kpixels; workers {args.workers}, batch {args.batch_size}, "
           f"{args.batches} timed batches")
-    print(f"{'pipeline':<58} {'images/s':>10} {'per worker':>11}")
+    print(f"{'pipeline':<64} {'images/s':>10} {'per worker':>11} {'ratio':>6}")
     w = max(args.workers, 1)
-    print(f"{'standard (' + std_name + ' RRC224 + ToTensor + Normalize)':<58} {std_ips:>10.1f} {std_ips / w:>11.1f}")
-    print(f"{'rectrain (bucketed rect crops, uint8, DCT-scaled decode)':<58} {our_ips:>10.1f} {our_ips / w:>11.1f}")
-    print(f"ratio rectrain/standard: {our_ips / std_ips:.2f}x")
+    print(f"{'standard (' + std_name + ' RRC224 + ToTensor + Normalize)':<64} {std_ips:>10.1f} {std_ips / w:>11.1f} "
+          f"{1:>6.2f}")
+    for d, ips in our_ips.items():
+        label = f"rectrain, {d} decoder (bucketed rect crops, uint8, DCT-scaled decode)"
+        print(f"{label:<64} {ips:>10.1f} {ips / w:>11.1f} {ips / std_ips:>6.2f}")
     if tmp is not None:
         tmp.cleanup()
 

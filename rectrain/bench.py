@@ -33,17 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batches to skip before timing (default: 4 per worker + 2, i.e. worker start-up and the "
                         "batches the workers prefetched, which would otherwise inflate the figure)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--decoder", choices=["auto", "opencv", "pil"], default="auto", help="JPEG decoder in the workers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def measure_loader(data_dir: str, workers: int, batch_size: int, target_size: int, batches: int, warmup: int,
-                   rect_mode: str = "short_side", seed: int = 0) -> dict:
+                   rect_mode: str = "short_side", seed: int = 0, decoder: str = "auto") -> dict:
     if batches < 1 or warmup < 0 or workers < 0:
         raise UserError("--batches must be >= 1, --warmup and --workers >= 0")
     scan = scan_split(data_dir, "train")
     buckets = make_buckets(target_size, rect_mode)
     loaders = build_loaders(scan, None, buckets, batch_size=batch_size, val_batch_size=batch_size,
-                            workers=workers, seed=seed, rank=0, world_size=1)
+                            workers=workers, seed=seed, rank=0, world_size=1, decoder=decoder)
     images = timed_batches = 0
     t0 = None
     epoch = 0
@@ -61,7 +62,7 @@ def measure_loader(data_dir: str, workers: int, batch_size: int, target_size: in
         epoch += 1
     dt = time.perf_counter() - t0
     return {"images_per_sec": images / dt, "images": images, "seconds": dt, "workers": workers,
-            "batch_size": batch_size, "target_size": target_size, "rect_mode": rect_mode,
+            "batch_size": batch_size, "target_size": target_size, "rect_mode": rect_mode, "decoder": decoder,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__}
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     batches = args.batches if args.batches is not None else 10 * w + 20
     warmup = args.warmup if args.warmup is not None else 4 * w + 2  # DataLoader prefetch_factor is 4
     res = measure_loader(args.data_dir, args.workers, args.batch_size, args.target_size, batches,
-                         warmup, args.rect_mode, args.seed)
+                         warmup, args.rect_mode, args.seed, args.decoder)
     if args.json:
         print(json.dumps(res))
     else:

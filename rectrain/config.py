@@ -61,6 +61,8 @@ class TrainConfig:
     max_ratio: float = _f(2.0, "widest aspect ratio kept (2.0 = 1:2 .. 2:1); wider images are cropped to it")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "random-resized-crop area range, as a fraction of the "
                                                       "largest crop of the bucket's ratio (Inception/torchvision default)")
+    decoder: str = _f("auto", "JPEG decoder in the workers: auto (OpenCV when installed, else Pillow), opencv or pil",
+                      choices=["auto", "opencv", "pil"])
     val_every: int = _f(1, "validate every N epochs (and always after the last)")
     val_batch_size: int | None = _f(None, "validation batch size per GPU (default: --batch_size)")
     keep_checkpoints: int = _f(0, "keep only the newest K checkpoint_epoch_*.pth files (0: keep all, as the seed)")

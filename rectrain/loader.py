@@ -109,8 +109,9 @@ class Loaders:
 
 def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: BucketTable, *, batch_size: int,
                   val_batch_size: int, workers: int, seed: int, rank: int, world_size: int,
-                  crop_scale=(0.08, 1.0), pin_memory: bool = False) -> Loaders:
-    train_set = BucketDataset(train_scan, buckets, RectangularCropTfm(train=True, scale=tuple(crop_scale)), seed)
+                  crop_scale=(0.08, 1.0), pin_memory: bool = False, decoder: str = "auto") -> Loaders:
+    train_tfm = RectangularCropTfm(train=True, scale=tuple(crop_scale), decoder=decoder)
+    train_set = BucketDataset(train_scan, buckets, train_tfm, seed)
     base = AspectRatioBatchSampler(train_set.bucket_ids, batch_size, seed=seed)
     sampler = DistributedBatchSampler(base, num_replicas=world_size, rank=rank)
     if len(sampler) == 0:
@@ -122,14 +123,14 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     val = val_set = None
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, buckets, batch_size=val_batch_size, workers=workers,
-                                        rank=rank, world_size=world_size, pin_memory=pin_memory)
+                                        rank=rank, world_size=world_size, pin_memory=pin_memory, decoder=decoder)
     return Loaders(train, val, sampler, train_set, val_set)
 
 
 def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: int, workers: int, rank: int,
-                     world_size: int, pin_memory: bool = False):
+                     world_size: int, pin_memory: bool = False, decoder: str = "auto"):
     """Deterministic centre crops, batches grouped by bucket, every image once across ranks."""
-    val_set = BucketDataset(val_scan, buckets, RectangularCropTfm(train=False), seed=0)
+    val_set = BucketDataset(val_scan, buckets, RectangularCropTfm(train=False, decoder=decoder), seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, batch_size, num_replicas=world_size, rank=rank)
     loader = torch.utils.data.DataLoader(val_set, batch_sampler=_Keyed(vs, lambda: 0), num_workers=workers,
                                          collate_fn=collate, pin_memory=pin_memory)

@@ -142,7 +142,7 @@ class Trainer:
         self.loaders = build_loaders(train, val, self.buckets, batch_size=cfg.batch_size,
                                      val_batch_size=cfg.val_batch_size or cfg.batch_size, workers=workers,
                                      seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                                     crop_scale=cfg.crop_scale, pin_memory=self.is_cuda)
+                                     crop_scale=cfg.crop_scale, pin_memory=self.is_cuda, decoder=cfg.decoder)
         self.steps_per_epoch = len(self.loaders.train_sampler)
         self.log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
                  f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "

@@ -2,6 +2,8 @@
 decoding, truncated files as DecodeError, random train crops and deterministic validation crops."""
 
 import numpy as np
+
+from rectrain import transforms as transforms_module
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
@@ -272,7 +274,7 @@ def test_ratio_beyond_the_bucket_is_clamped_by_cropping_the_sides(files):
 
 
 def test_size_from_the_scan_cache_gives_the_same_crop_as_the_header(files):
-    tfm = RectangularCropTfm(train=True)
+    tfm = RectangularCropTfm(train=True, decoder="pil")
     a = tfm(files["rotated"], (64, 32), np.random.default_rng(5))
     b = tfm(files["rotated"], (64, 32), np.random.default_rng(5), size_hw=(80, 40))
     assert np.array_equal(a, b)
@@ -287,3 +289,47 @@ def test_repr_names_the_settings():
     assert repr(RectangularCropTfm(train=True, scale=(0.35, 1.0))) == \
         "RectangularCropTfm(train=True, scale=(0.35, 1.0), hflip=True)"
     assert repr(RectangularCropTfm(train=False)) == "RectangularCropTfm(train=False, val_crop=0.875)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenCV fast path gives the same crops as the Pillow path (up to interpolation) and is as strict.
+
+needs_cv2 = pytest.mark.skipif(transforms_module.cv2 is None, reason="OpenCV not installed")
+
+
+@needs_cv2
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", ["landscape", "portrait", "rotated", "cmyk", "grey"])
+def test_opencv_path_matches_pillow_path(files, name, train):
+    from PIL import ImageOps
+    with Image.open(files[name]) as im:
+        w, h = ImageOps.exif_transpose(im).size
+    outs = [RectangularCropTfm(train=train, decoder=d)(files[name], (32, 48), np.random.default_rng(7), size_hw=(h, w))
+            for d in ("pil", "opencv")]
+    assert outs[1].shape == (32, 48, 3) and outs[1].dtype == np.uint8 and outs[1].flags.c_contiguous
+    # Red and green are smooth ramps; blue is a high-frequency pattern that any two resamplers alias
+    # differently, so it is left out.
+    assert np.abs(outs[0][..., :2].astype(int) - outs[1][..., :2].astype(int)).mean() < 4
+
+
+@needs_cv2
+def test_opencv_path_never_turns_a_truncated_jpeg_grey(files):
+    with pytest.raises(DecodeError, match="truncated.jpg"):
+        RectangularCropTfm(train=True, decoder="opencv")(files["truncated"], (64, 64), np.random.default_rng(0),
+                                                          size_hw=(90, 120))
+
+
+@needs_cv2
+def test_opencv_path_uses_reduced_dct_decoding_for_small_crops(files, monkeypatch):
+    flags = []
+    real = transforms_module.cv2.imdecode
+    monkeypatch.setattr(transforms_module.cv2, "imdecode", lambda buf, flag: flags.append(flag) or real(buf, flag))
+    with Image.open(files["large"]) as im:
+        w, h = im.size
+    RectangularCropTfm(train=False, decoder="opencv")(files["large"], (64, 64), size_hw=(h, w))
+    assert flags and flags[0] != transforms_module.cv2.IMREAD_COLOR
+
+
+def test_unknown_decoder_is_rejected():
+    with pytest.raises(ValueError, match="decoder"):
+        RectangularCropTfm(train=True, decoder="turbo")
