@@ -248,7 +248,8 @@ class RectangularCropTfm:
 # It does not fail on a truncated JPEG (it pads with grey), so a file that does not end with the JPEG
 # end-of-image marker goes to the Pillow path, which raises.
 
-_CV2_REDUCED = ((8, "IMREAD_REDUCED_COLOR_8"), (4, "IMREAD_REDUCED_COLOR_4"), (2, "IMREAD_REDUCED_COLOR_2"))
+_CV2_REDUCED = (((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+                if cv2 is not None else ())
 
 
 def _use_opencv(decoder: str) -> bool:
@@ -271,7 +272,7 @@ def _opencv_crop(path: str, out_hw: tuple[int, int], size_hw, box, flip: bool) -
     gh, gw = int(size_hw[0]), int(size_hw[1])
     x0, y0, x1, y1 = box
     k = min((x1 - x0) / ow, (y1 - y0) / oh)  # image pixels per output pixel
-    flag = next((getattr(cv2, name) for r, name in _CV2_REDUCED if k >= r), cv2.IMREAD_COLOR)
+    flag = next((f for r, f in _CV2_REDUCED if k >= r), cv2.IMREAD_COLOR)
     img = cv2.imdecode(buf, flag)  # (h, w, 3) BGR, upright
     if img is None:
         raise DecodeError(f"cannot decode {path}: OpenCV could not read it as a JPEG")
@@ -283,5 +284,5 @@ def _opencv_crop(path: str, out_hw: tuple[int, int], size_hw, box, flip: bool) -
     crop = img[ys:ye, xs:xe]
     shrink = min(crop.shape[0] / oh, crop.shape[1] / ow)
     out = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR)
-    out = out[:, ::-1, ::-1] if flip else out[:, :, ::-1]  # (flip and) BGR -> RGB
-    return np.ascontiguousarray(out)
+    out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)  # SIMD; a reversed-stride copy costs 10x more
+    return cv2.flip(out, 1) if flip else out
