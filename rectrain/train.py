@@ -108,7 +108,7 @@ class Trainer:
         self.cfg, self.info, self.paths, self.logger = cfg, info, paths, logger
         self.device = torch.device(info.device)
         self.is_cuda = self.device.type == "cuda"
-        self.log = logger.info if info.is_primary else (lambda msg: logger.info(msg))
+        self.log = logger.info  # every rank to its file; the primary also to the console
         self.stop = StopFlag()
 
     # -- set-up ---------------------------------------------------------------------------------
