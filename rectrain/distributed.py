@@ -304,16 +304,23 @@ def barrier() -> None:
 class StopFlag:
     """SIGTERM/SIGINT -> every rank agrees to stop at the same step boundary.
 
-    A signal only sets a local flag. ``should_stop()`` is called once per step by every rank; with several
-    processes it all-reduces (MAX) the local flags on the CPU (gloo), so no GPU sync is added, and every
-    rank gets the same answer at the same step. The first signal asks for a clean stop; a second one
-    restores the default handler, so a third kills the process as usual.
+    A signal only sets a local flag (``received``), which nothing else ever clears. ``should_stop()`` is
+    called once per step by every rank; with several processes it all-reduces (MAX) the local flags on
+    the CPU (gloo), so no GPU sync is added, and every rank gets the same answer at the same step. The
+    first signal asks for a clean stop; a second one restores the default handler, so a third kills the
+    process as usual.
     """
 
     def __init__(self):
-        self.signum = 0
+        self.received = 0  # set by the handler only
+        self.agreed = 0    # the last answer of should_stop(), the same on every rank
         self._previous = {}
         self._group = None
+
+    @property
+    def signum(self) -> int:
+        """The signal this rank received or the ranks agreed on (0: none)."""
+        return self.agreed or self.received
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -329,15 +336,18 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # second signal: give the user their normal Ctrl-C back
+        if self.received:  # second signal: give the user their normal Ctrl-C back
             self.uninstall()
-        self.signum = signum
+        self.received = signum
 
     def should_stop(self) -> int:
         """0 to go on, else the signal number (the same on every rank)."""
         if self._group is None:
-            return self.signum
-        t = torch.tensor([self.signum], dtype=torch.int64)
+            self.agreed = self.received
+            return self.agreed
+        # A handler may run at any bytecode boundary, e.g. right after the all-reduce returns: it only
+        # ever writes ``received``, so a signal is never lost, at worst seen one step later.
+        t = torch.tensor([self.received], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        self.signum = int(t.item())  # a CPU tensor: no device sync
-        return self.signum
+        self.agreed = int(t.item())  # a CPU tensor: no device sync
+        return self.agreed

@@ -348,6 +348,8 @@ class Trainer:
             average_buffers(self.model)  # identical BatchNorm statistics on every rank
             row = self._validate_and_row(epoch, stats)
             if row is None:  # a stop signal during validation: resume will validate this epoch again
+                self.log(f"stopping on signal {self.stop.signum} during validation of epoch {epoch + 1}: "
+                         "saving a checkpoint")
                 self.save("last")
                 return preempted_exit_code(self.stop.signum)
             state.epoch, state.batch_in_epoch = epoch + 1, 0

@@ -129,7 +129,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(data_dir, tmp_path, caps
 
 
 def test_two_process_gloo_run_keeps_replicas_identical_and_eval_agrees(data_dir, tmp_path, capfd):
-    assert run(data_dir, tmp_path, "--epochs", "1", "--nproc", "2", "--dist_port", "29517", name="ddp") == 0
+    assert run(data_dir, tmp_path, "--epochs", "1", "--nproc", "2", "--dist_port", free_port(), name="ddp") == 0
     digests = [re.findall(r"final weights sha1 (\w+)", (tmp_path / f"ddp/logs/rank{r}.log").read_text())
                for r in (0, 1)]
     assert digests[0] and digests[0] == digests[1]
@@ -179,6 +179,13 @@ def test_decode_failures_past_the_limit_stop_with_a_clear_message(tmp_path, caps
     assert code == 2 and "failed to decode" in err and "Traceback" not in err
 
 
+def free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def test_sigterm_to_the_launcher_stops_both_ranks_cleanly(data_dir, tmp_path):
     """A real 2-process run; `kill PID` of the launcher reaches both ranks, which agree and save."""
     import subprocess
@@ -186,15 +193,20 @@ def test_sigterm_to_the_launcher_stops_both_ranks_cleanly(data_dir, tmp_path):
     import time
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rectrain", "train", "--data_dir", data_dir, "--output", str(out), "--run_name", "p",
-           *TINY, "--epochs", "200", "--nproc", "2", "--dist_port", "29531", "--print_freq", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = out / "p" / "logs" / "rank0.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "epoch 2 batch" in log.read_text()):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+           *TINY, "--epochs", "200", "--nproc", "2", "--dist_port", free_port(), "--print_freq", "1"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        log = out / "p" / "logs" / "rank0.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (log.exists() and "epoch 2 batch" in log.read_text()):
+            time.sleep(0.2)
+        try:
+            assert proc.poll() is None, "the run ended before it could be interrupted: " + (tmp_path / "stderr.txt").read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     for rank in (0, 1):
         assert "stopping on signal 15" in (out / "p" / "logs" / f"rank{rank}.log").read_text()
     ck = load_ckpt(out / "p" / "checkpoints" / "last.pth")
