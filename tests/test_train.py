@@ -237,3 +237,26 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert code == 2 and f"non-finite at step {step + 3} " in message, message
     assert "--lr" in message and "--weight_decay" in message
     assert (tmp_path / "nan/checkpoints/last.pth").read_bytes() == good
+
+
+def test_srun_style_launch_reads_the_slurm_environment(data_dir, tmp_path):
+    """Two tasks started as `srun --ntasks 2` would start them: each finds its rank in SLURM_* variables."""
+    import subprocess
+    import sys
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+                   SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="localhost")
+        env.pop("MASTER_ADDR", None)
+        procs.append(subprocess.Popen([sys.executable, "train_g4.dn_12xlarge.py", "--data_dir", data_dir,
+                                       "--output", str(tmp_path), "--run_name", "s", *TINY, "--epochs", "1",
+                                       "--dist_port", port], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    digests = [re.findall(r"final weights sha1 (\w+)", (tmp_path / f"s/logs/rank{r}.log").read_text())
+               for r in (0, 1)]
+    assert digests[0] and digests[0] == digests[1]
+    assert "2 process(es)" in (tmp_path / "s/logs/rank0.log").read_text()
