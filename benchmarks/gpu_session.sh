@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device session: the suite on the GPU machine's torch, the model-step ceiling, augmentation
+# One prepared device session (at most 8 files under $OUT come back, so results share files): the suite on the GPU machine's torch, the model-step ceiling, augmentation
 # overhead, loader throughput, and end-to-end training from JPEG files. Results land in $OUT/*.txt.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # on the GPU machine
 #   SMALL=1 OUT=/tmp/out bash benchmarks/gpu_session.sh    # a quick dry run on a CPU
@@ -17,11 +17,11 @@ python -c "import torch, sys, PIL; print('torch', torch.__version__, 'python', s
 echo "cores $W"; lscpu | grep -m1 'Model name'
 } 2>&1 | tee "$OUT/machine.txt"
 
-sec "test suite on this machine's torch" | tee "$OUT/tests.txt"
-timeout 240 python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/tests.txt"
+sec "test suite on this machine's torch" | tee -a "$OUT/machine.txt"
+timeout 240 python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -6 | tee -a "$OUT/machine.txt"
 
 if [ "$S" = 1 ]; then STEP="--device cpu --arch resnet18 --width 16 --batch_size 16 --shapes 64x64 --steps 2 --warmup 1"
-else STEP="--steps 25 --warmup 10"; fi
+else STEP="--steps 15 --warmup 6"; fi
 sec "bench_step $STEP" | tee "$OUT/step.txt"
 timeout 150 python benchmarks/bench_step.py $STEP 2>&1 | tee -a "$OUT/step.txt"
 
@@ -30,20 +30,20 @@ sec "bench_augment $AUG" | tee "$OUT/augment.txt"
 timeout 120 python benchmarks/bench_augment.py $AUG 2>&1 | tee -a "$OUT/augment.txt"
 
 if [ "$S" = 1 ]; then N=4; C=10; else N=64; C=100; fi
-sec "synth + scan ($C classes x $N ImageNet-like JPEGs)" | tee "$OUT/data.txt"
+sec "synth + scan ($C classes x $N ImageNet-like JPEGs)" | tee "$OUT/loader.txt"
 rm -rf $DATA
-( time python -m rectrain synth --out $DATA --classes $C --train_per_class $N --val_per_class 8 --kind imagenet --workers $W ) 2>&1 | tail -4 | tee -a "$OUT/data.txt"
-timeout 60 python -m rectrain scan --data_dir $DATA --split train 2>&1 | tail -25 | tee -a "$OUT/data.txt"
+( time python -m rectrain synth --out $DATA --classes $C --train_per_class $N --val_per_class 8 --kind imagenet --workers $W ) 2>&1 | tail -4 | tee -a "$OUT/loader.txt"
+timeout 60 python -m rectrain scan --data_dir $DATA --split train 2>&1 | tail -25 | tee -a "$OUT/loader.txt"
 
 if [ "$S" = 1 ]; then LB="--batches 2 --batch_size 8"; else LB="--batches 8 --batch_size 64"; fi
-sec "bench_loader per core (1 worker each) $LB" | tee "$OUT/loader.txt"
+sec "bench_loader per core (1 worker each) $LB" | tee -a "$OUT/loader.txt"
 timeout 150 python benchmarks/bench_loader.py --data_dir $DATA --workers 1 $LB 2>&1 | tee -a "$OUT/loader.txt"
 sec "rectrain bench loader --workers $W" | tee -a "$OUT/loader.txt"
 timeout 90 python -m rectrain bench loader --data_dir $DATA --workers $W $LB 2>&1 | tee -a "$OUT/loader.txt"
 
 if [ "$S" = 1 ]; then E2E="--batch_size 8 --target_size 64 --arch resnet18 --width 8 --device cpu"; else E2E="--batch_size 256"; fi
-sec "end-to-end: train_g4.dn_12xlarge.py 3 epochs from JPEG, $E2E" | tee "$OUT/e2e.txt"
-timeout 240 python train_g4.dn_12xlarge.py --data_dir $DATA --epochs 3 --workers $W --print_freq 5 \
+sec "end-to-end: train_g4.dn_12xlarge.py 2 epochs from JPEG, $E2E" | tee "$OUT/e2e.txt"
+timeout 240 python train_g4.dn_12xlarge.py --data_dir $DATA --epochs 2 --workers $W --print_freq 5 \
     --output /tmp/rectrain_runs --run_name e2e $E2E 2>&1 | tr '\r' '\n' | grep -v 'batch/s' | tee -a "$OUT/e2e.txt"
 cp /tmp/rectrain_runs/e2e/metrics.csv "$OUT/e2e_metrics.csv" 2>/dev/null
 cp /tmp/rectrain_runs/e2e/summary.json "$OUT/e2e_summary.json" 2>/dev/null
