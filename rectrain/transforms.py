@@ -91,6 +91,8 @@ def _open(path):
     with _reading(path):
         im = Image.open(path)
         orientation = _orientation(im)
+        if im.format == "TIFF" and (im.tag_v2.get(256), im.tag_v2.get(257)) != im.size:
+            orientation = 1  # recent Pillow already reports and loads a rotated TIFF upright (as arscan knows)
         w, h = im.size
         return im, orientation, ((h, w) if orientation in _SWAPS_AXES else (w, h))
 

@@ -333,3 +333,17 @@ def test_opencv_path_uses_reduced_dct_decoding_for_small_crops(files, monkeypatc
 def test_unknown_decoder_is_rejected():
     with pytest.raises(ValueError, match="decoder"):
         RectangularCropTfm(train=True, decoder="turbo")
+
+
+def test_exif_rotated_tiff_is_rotated_once(tmp_path):
+    from PIL import ImageOps, TiffImagePlugin
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[:, :20], stored[:, 20:] = (255, 0, 0), (0, 0, 255)
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x0112] = 6
+    path = str(tmp_path / "r6.tif")
+    Image.fromarray(stored).save(path, tiffinfo=tags)
+    with Image.open(path) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert upright.shape == (40, 30, 3)
+    assert np.array_equal(np.asarray(open_rgb(path)), upright)
