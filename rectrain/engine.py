@@ -121,8 +121,7 @@ def train_one_epoch(ctx: StepContext, loader, state: TrainState, stop: StopFlag,
             state.step += 1
         n = labels.shape[0]
         loss_sum += loss.detach().double() * n
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                               torch.tensor(state.step, device=device), bad_step)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step)  # no copy
         images_seen += n
         interval_images += n
         state.batch_in_epoch += 1
