@@ -8,7 +8,6 @@ kept on the device in between.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,9 +43,6 @@ class TrainState:
     best_acc1: float = -1.0
     decode_failures: list = field(default_factory=list)
     warned_data_wait: bool = False
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -229,7 +225,3 @@ def reduce_eval(sums: torch.Tensor) -> dict:
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1.0)
     return {"val_loss": loss / n, "val_acc1": 100.0 * c1 / n, "val_acc5": 100.0 * c5 / n, "val_images": int(n)}
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
