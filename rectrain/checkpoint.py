@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, loading with reasons, `--resume auto`, and pruning.
+"""Checkpoints: atomic writes, loading with reasons, `--resume auto`, pruning, and the ``Checkpointer``.
 
 A checkpoint is a dict of plain types and tensors (loadable with ``torch.load(weights_only=True)``):
 ``format_version``, ``model`` (the unwrapped module's state_dict: no ``module.``/``_orig_mod.``
@@ -13,9 +13,11 @@ from __future__ import annotations
 import glob
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
+from rectrain.distributed import all_gather_object, broadcast_object
 from rectrain.errors import UserError
 
 FORMAT_VERSION = 1
@@ -138,3 +140,147 @@ def link_or_copy(src: str, dst: str) -> None:
             _remove_quietly(tmp)
             raise CheckpointError(f"could not write {dst}: {e.strerror or e}; free disk space") from None
     os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpointer: what a training run saves and restores
+
+
+@dataclass
+class Stateful:
+    """The pieces of a run a checkpoint captures. ``model`` is the unwrapped module (no DDP/compile prefix)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: object                  # BatchAugment: per-rank generator states
+    failures: object                 # DecodeFailurePolicy: the images that failed to decode so far
+
+
+class Checkpointer:
+    """Owns the checkpoint schema, each rank's share of it (RNG and augmentation streams, partial epoch
+    sums), saving (rank 0 writes, every rank learns the outcome) and resume.
+
+    Schema (format 1): ``format_version``, ``model``, ``optimizer``, ``scaler``, ``step``, ``epoch``,
+    ``batch_in_epoch``, ``steps_per_epoch``, ``best_acc1``, ``decode_failures``, ``sampler``, ``rng`` (one
+    entry per rank), ``world_size``, ``classes``, ``arch``, ``config``, ``metrics``.
+    """
+
+    def __init__(self, ckpt_dir: str, parts: Stateful, *, info, config: dict, classes: list[str],
+                 steps_per_epoch: int, keep: int = 0, log=print):
+        self.ckpt_dir, self.parts, self.info = ckpt_dir, parts, info
+        self.config, self.classes, self.steps_per_epoch, self.keep, self.log = config, classes, steps_per_epoch, keep, log
+        self.device = next(parts.model.parameters()).device
+
+    # -- save -----------------------------------------------------------------------------------
+    def _rank_state(self, state) -> dict:
+        cuda = self.device.type == "cuda"
+        return {"torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+                "augment": self.parts.augment.state_dict(),
+                "epoch_loss_sum": state.epoch_loss_sum, "epoch_images": state.epoch_images}
+
+    def _payload(self, state, ranks: list[dict], metrics: dict | None) -> dict:
+        p = self.parts
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
+            "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "best_acc1": state.best_acc1,
+            "decode_failures": p.failures.state_dict(),
+            "sampler": {"epoch": state.epoch, "start_batch": state.batch_in_epoch, "seed": self.config.get("seed"),
+                        "world_size": self.info.world_size},
+            "rng": ranks, "world_size": self.info.world_size,
+            "classes": list(self.classes), "arch": self.config.get("arch"), "config": self.config,
+            "metrics": metrics or {},
+        }
+
+    def save(self, kind: str, state, metrics: dict | None = None) -> str | None:
+        """kind: 'epoch' (end of epoch: epoch file + last, best when ``metrics['is_best']``) or 'last'
+        (a mid-epoch stop). Every rank calls this (it gathers per-rank RNG state); rank 0 writes, then
+        tells the others whether it worked, so no rank waits forever on a rank that failed.
+        """
+        ranks = all_gather_object(self._rank_state(state))
+        error = path = None
+        if self.info.is_primary:
+            try:
+                path = self._write(kind, self._payload(state, ranks, metrics), metrics)
+                self.log(f"saved checkpoint {path}")
+            except UserError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        return path
+
+    def _write(self, kind: str, payload: dict, metrics: dict | None) -> str:
+        last = os.path.join(self.ckpt_dir, "last.pth")
+        if kind != "epoch":
+            save_atomic(payload, last)
+            return last
+        path = epoch_path(self.ckpt_dir, payload["epoch"])
+        save_atomic(payload, path)
+        link_or_copy(path, last)
+        if metrics and metrics.get("is_best"):
+            link_or_copy(path, os.path.join(self.ckpt_dir, "best.pth"))
+        for p in prune(self.ckpt_dir, self.keep):
+            self.log(f"removed old checkpoint {p}")
+        return path
+
+    # -- resume ---------------------------------------------------------------------------------
+    def find(self, resume: str | None) -> tuple[str, dict] | None:
+        """The checkpoint ``--resume`` names: None (start fresh), 'auto' (newest good one here) or a path."""
+        if not resume:
+            return None
+        if resume == "auto":
+            found = find_resumable(self.ckpt_dir, log=self.log)
+            if found is None:
+                self.log(f"note: --resume auto found no checkpoint in {self.ckpt_dir}: starting from scratch")
+            return found
+        return resume, load(resume)
+
+    def restore(self, path: str, ckpt: dict, state) -> None:
+        """Load ``ckpt`` into the parts and ``state``; exact when world size and batches per epoch match."""
+        p = self.parts
+        if list(ckpt.get("classes", self.classes)) != list(self.classes):
+            raise CheckpointError(f"checkpoint {path} was trained on other classes than this dataset; resume with "
+                                  "the same dataset, or start a new --run_name")
+        try:
+            p.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit --arch {self.config.get('arch')}: "
+                                  f"{str(e).splitlines()[0]}") from None
+        p.optimizer.load_state_dict(ckpt["optimizer"])
+        p.scaler.load_state_dict(ckpt["scaler"])
+        p.failures.load_state_dict(ckpt.get("decode_failures", []))
+        state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        state.best_acc1 = ckpt.get("best_acc1", -1.0)
+        old_spe = ckpt.get("steps_per_epoch") or self.steps_per_epoch
+        if ckpt.get("world_size") == self.info.world_size and old_spe == self.steps_per_epoch:
+            self._restore_rank(ckpt["rng"][self.info.rank], state)
+        else:
+            self._rescale(ckpt, state, old_spe)
+        self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
+
+    def _restore_rank(self, mine: dict, state) -> None:
+        torch.set_rng_state(mine["torch_rng"])
+        if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.parts.augment.load_state_dict(mine["augment"])
+        state.epoch_loss_sum, state.epoch_images = mine["epoch_loss_sum"], mine["epoch_images"]
+
+    def _rescale(self, ckpt: dict, state, old_spe: int) -> None:
+        """Another world size or batch size: keep the run's position in the schedule, in epochs.
+
+        The step count is rescaled to the new batches per epoch, so the learning rate continues from where it
+        was and still ends at its minimum. A mid-epoch checkpoint restarts its epoch from the first batch
+        (the old dealing of batches to ranks cannot be continued).
+        """
+        new_spe = self.steps_per_epoch
+        done_in_epoch = state.batch_in_epoch
+        if done_in_epoch:
+            self.log(f"note: checkpoint was written with {ckpt.get('world_size')} process(es) and {old_spe} "
+                     f"batches/epoch; now {self.info.world_size} and {new_spe}: epoch {state.epoch + 1} restarts "
+                     "from its first batch")
+        state.step = round((state.step - done_in_epoch) * new_spe / old_spe)
+        state.batch_in_epoch = 0

@@ -1,24 +1,30 @@
-"""One training epoch and one evaluation pass.
+"""The training step, the epoch loop around it, and one evaluation pass.
 
-The step is the same code for fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32)
-and a GradScaler that is always constructed and only *enabled* for fp16 (nanoGPT's habit). Scalars are
-read from the device only every ``print_freq`` steps; the loss sum and the first non-finite step are
-kept on the device in between.
+``TrainStep`` is one optimizer step on a batch: normalise on the device, augment, forward, loss,
+backward, optimizer and scaler step, learning rate from the schedule. It is what tests drive directly
+and what ``--compile`` speeds up; it never reads a value back from the device. It is the same code for
+fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32) and a GradScaler that is always
+constructed and only *enabled* for fp16 (nanoGPT's habit).
+
+``train_one_epoch`` is the thin loop around it: timing, the data-wait share, log lines, the progress bar
+and the agreed stop flag. Scalars are read from the device only every ``print_freq`` steps; the loss
+sum and the first non-finite step stay on the device in between.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from rectrain.distributed import StopFlag, all_reduce_sum
 from rectrain.errors import UserError
+from rectrain.loader import DecodeFailurePolicy, guarded
 from rectrain.losses import augmented_loss
 from rectrain.schedule import lr_at, set_lr
-from rectrain.transforms import DecodeError
 
 DATA_WAIT_WARN = 0.10  # warn once when more than 10% of step time is spent waiting for data
 
@@ -27,46 +33,17 @@ class NonFiniteLoss(UserError):
     pass
 
 
-class DecodeFailures(UserError):
-    pass
-
-
 @dataclass
 class TrainState:
     """Progress that a checkpoint must carry for an exact resume."""
 
-    step: int = 0                # optimizer steps taken in the whole run
+    step: int = 0                # optimizer steps taken in the whole run (fp16: skipped steps not counted)
     epoch: int = 0               # current epoch, 0-based
     batch_in_epoch: int = 0      # batches of this epoch already trained (per rank)
-    epoch_loss_sum: float = 0.0  # running sums of the current epoch (for its train_loss)
+    epoch_loss_sum: float = 0.0  # running sums of the current epoch (for its train_loss), this rank
     epoch_images: int = 0
     best_acc1: float = -1.0
-    decode_failures: list = field(default_factory=list)
     warned_data_wait: bool = False
-
-
-@dataclass
-class StepContext:
-    """What every step needs; built once by the trainer."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    normalize: object           # DeviceNormalize
-    augment: object             # BatchAugment: (images, labels) -> (images, labels_a, labels_b, lam)
-    autocast: object            # () -> context manager
-    label_smoothing: float
-    base_lr: float
-    min_lr: float
-    total_steps: int
-    warmup_steps: int
-    channels_last: bool
-    print_freq: int
-    max_decode_failures: int
-    world_size: int
-    log: object                 # callable(str), rank-aware
-    is_primary: bool
-    max_steps: int | None = None
 
 
 def autocast_factory(device: str, amp_dtype: torch.dtype | None):
@@ -76,134 +53,161 @@ def autocast_factory(device: str, amp_dtype: torch.dtype | None):
     return lambda: torch.autocast(device_type=device_type, dtype=amp_dtype)
 
 
-def train_one_epoch(ctx: StepContext, loader, state: TrainState, stop: StopFlag, steps_per_epoch: int,
-                    progress=None) -> tuple[dict, int]:
+@dataclass(frozen=True)
+class LRSchedule:
+    """Warm-up + cosine over the whole run, as a function of the optimizer step (rectrain.schedule.lr_at)."""
+
+    base_lr: float      # peak rate for the global batch
+    total_steps: int
+    warmup_steps: int
+    min_lr: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
+
+
+class TrainStep:
+    """One optimizer step: ``(images, labels, step) -> (loss, stepped)``.
+
+    images: (B, H, W, 3) uint8, on the host (pinned) or already on the device; labels: (B,) int64.
+    loss: the batch's mean loss, a 0-dim fp32 tensor on the device (not read back here).
+    stepped: whether the optimizer applied the update (False only when fp16's scaler skipped it after
+    an overflow); known on the host without a sync, from an optimizer hook, because the scaler has
+    already read its overflow flag inside ``scaler.step``.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 normalize, augment, autocast, lr_schedule: Callable[[int], float], label_smoothing: float,
+                 channels_last: bool):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.normalize = normalize          # DeviceNormalize: uint8 NHWC -> normalised NCHW on the device
+        self.augment = augment              # BatchAugment: (images, labels) -> (images, labels_a, labels_b, lam)
+        self.autocast = autocast            # () -> context manager
+        self.lr_schedule = lr_schedule
+        self.label_smoothing = label_smoothing
+        self.channels_last = channels_last
+        self._stepped = False
+        optimizer.register_step_post_hook(self._on_optimizer_step)
+
+    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
+        images, labels = self.normalize(images, labels)
+        if not self.channels_last:
+            images = images.contiguous()
+        set_lr(self.optimizer, self.lr_schedule(step))
+        images, labels_a, labels_b, lam = self.augment(images, labels)
+        with self.autocast():
+            outputs = self.model(images)
+        loss = augmented_loss(outputs.float(), labels_a, labels_b, lam, self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._stepped = False
+        self.scaler.step(self.optimizer)  # fp16: skips the update when gradients overflowed
+        self.scaler.update()
+        return loss.detach(), self._stepped
+
+
+@dataclass
+class LoopSettings:
+    """How the epoch loop reports and when it stops; built once by the trainer."""
+
+    steps_per_epoch: int        # batches per epoch per rank
+    print_freq: int             # log (and read scalars from the device) every N batches
+    world_size: int
+    log: Callable[[str], None]  # rank-aware logger
+    max_steps: int | None = None
+    on_interval: Callable[[dict], None] | None = None  # rank 0: one row per print interval (metrics)
+
+
+def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: StopFlag, loop: LoopSettings,
+                    failures: DecodeFailurePolicy, progress=None) -> tuple[dict, int]:
     """Train from ``state.batch_in_epoch`` to the end of the epoch, or until a stop is agreed.
 
     Returns (epoch statistics, stop signal number or 0).
     """
-    model, opt, scaler = ctx.model, ctx.optimizer, ctx.scaler
-    model.train()
-    device = ctx.normalize.device
+    train_step.model.train()
+    device = train_step.normalize.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)   # sum over images of this rank
     bad_step = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
-    images_seen = 0
-    wait = 0.0
+    images_seen, wait = 0, 0.0
     t_start = t_last = time.perf_counter()
     interval_wait, interval_start, interval_images = 0.0, t_start, 0
     signum = 0
-    for images, labels, failed in _guarded(loader):
+    for images, labels, failed in guarded(loader):
         now = time.perf_counter()
         wait += now - t_last
         interval_wait += now - t_last
         if failed:
-            _record_failures(ctx, state, failed)
-        images, labels = ctx.normalize(images, labels)
-        if not ctx.channels_last:
-            images = images.contiguous()
-        set_lr(opt, lr_at(state.step, ctx.base_lr, ctx.total_steps, ctx.warmup_steps, ctx.min_lr))
-        images, labels_a, labels_b, lam = ctx.augment(images, labels)
-        with ctx.autocast():
-            outputs = model(images)
-        loss = augmented_loss(outputs.float(), labels_a, labels_b, lam, ctx.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(opt)  # fp16: skips the update when gradients overflowed
-        scaler.update()
-        # The schedule advances only when the optimizer stepped. fp16's scaler has already synced inside
-        # step(), so reading the scale costs nothing more; bf16/fp32 always step.
-        if scale_before is None or scaler.get_scale() >= scale_before:
-            state.step += 1
+            failures.record(failed)
+        loss, stepped = train_step(images, labels, state.step)
+        state.step += int(stepped)  # the schedule advances only when the optimizer stepped
         n = labels.shape[0]
-        loss_sum += loss.detach().double() * n
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step)  # no copy
+        loss_sum += loss.double() * n
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), state.step, bad_step)  # no copy
         images_seen += n
         interval_images += n
         state.batch_in_epoch += 1
         t_last = time.perf_counter()
 
-        if state.batch_in_epoch % ctx.print_freq == 0 or state.batch_in_epoch == steps_per_epoch:
-            # The only device->host reads of the step: once per print interval.
+        if state.batch_in_epoch % loop.print_freq == 0 or state.batch_in_epoch == loop.steps_per_epoch:
+            # The only device->host reads of the loop: once per print interval.
             first_bad = int(bad_step.item())
             if first_bad >= 0:
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {first_bad} (epoch {state.epoch + 1}); the last good "
                     "checkpoint is kept. Lower --lr (e.g. half) or --weight_decay (e.g. 5e-5), or try --amp_dtype bf16")
             elapsed = t_last - interval_start
-            ips = interval_images * ctx.world_size / max(elapsed, 1e-9)
-            frac = interval_wait / max(elapsed, 1e-9)
-            lr = opt.param_groups[0]["lr"]
-            mean_loss = (state.epoch_loss_sum + loss_sum.item()) / max(state.epoch_images + images_seen, 1)
-            ctx.log(f"epoch {state.epoch + 1} batch {state.batch_in_epoch}/{steps_per_epoch} step {state.step} "
-                    f"loss {mean_loss:.4f} lr {lr:.5f} images/s {ips:.1f} data_wait {100 * frac:.0f}%")
-            if progress is not None:
-                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4f}", ips=f"{ips:.0f}",
-                                     wait=f"{100 * frac:.0f}%", refresh=False)
-            if (frac > DATA_WAIT_WARN and not state.warned_data_wait and state.step > 2 * ctx.print_freq):
-                state.warned_data_wait = True
-                ctx.log(f"warning: {100 * frac:.0f}% of step time is spent waiting for data: raise --workers "
-                        "(per GPU) or move the dataset to faster local storage (NVMe)")
+            row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / loop.steps_per_epoch,
+                   "lr": train_step.optimizer.param_groups[0]["lr"],
+                   "train_loss": (state.epoch_loss_sum + loss_sum.item()) / max(state.epoch_images + images_seen, 1),
+                   "images_per_sec": interval_images * loop.world_size / max(elapsed, 1e-9),
+                   "data_wait_frac": interval_wait / max(elapsed, 1e-9)}
+            _report_interval(row, state, loop, progress)
             interval_wait, interval_start, interval_images = 0.0, t_last, 0
         if progress is not None:
             progress.update(1)
         signum = stop.should_stop()
-        if signum or (ctx.max_steps is not None and state.step >= ctx.max_steps):
+        if signum or (loop.max_steps is not None and state.step >= loop.max_steps):
             break
     elapsed = time.perf_counter() - t_start
-    stats = _epoch_stats(ctx, state, loss_sum, images_seen, elapsed, wait)
-    return stats, signum
-
-
-def _guarded(loader):
-    """Iterate a loader, turning 'a whole run of images cannot be decoded' into one clear message."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except DecodeError as e:  # from a worker it carries the worker's traceback: keep our line only
-            line = next((ln for ln in str(e).splitlines() if "failed to decode" in ln), str(e).splitlines()[0])
-            raise DecodeFailures(f"{line[:500]}. The storage may be failing or the dataset changed since it was "
-                                 "scanned: check the files, then run `rectrain scan --data_dir ...`") from None
-        yield batch
-
-
-def _record_failures(ctx: StepContext, state: TrainState, failed: list[str]) -> None:
-    for f in failed:
-        ctx.log(f"warning: could not decode {f}; replaced by another image of the same shape")
-    state.decode_failures.extend(failed)
-    if len(state.decode_failures) > ctx.max_decode_failures:
-        raise DecodeFailures(
-            f"{len(state.decode_failures)} images failed to decode (more than --max_decode_failures "
-            f"{ctx.max_decode_failures}); first: {state.decode_failures[0]}. Check the dataset's storage or re-copy "
-            "it; `rectrain scan --data_dir ...` lists unreadable files")
-
-
-def _epoch_stats(ctx, state: TrainState, loss_sum, images_seen: int, elapsed: float, wait: float) -> dict:
     # Fold this run's part of the epoch into the state (a resumed epoch keeps its earlier part).
     state.epoch_loss_sum += loss_sum.item()
     state.epoch_images += images_seen
-    return {
-        "images_per_sec": images_seen * ctx.world_size / max(elapsed, 1e-9),
-        "data_wait_frac": wait / max(elapsed, 1e-9),
-        "epoch_time_s": elapsed,
-    }
+    stats = {"images_per_sec": images_seen * loop.world_size / max(elapsed, 1e-9),
+             "data_wait_frac": wait / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+    return stats, signum
+
+
+def _report_interval(row: dict, state: TrainState, loop: LoopSettings, progress) -> None:
+    loop.log(f"epoch {state.epoch + 1} batch {state.batch_in_epoch}/{loop.steps_per_epoch} step {row['step']} "
+             f"loss {row['train_loss']:.4f} lr {row['lr']:.5f} images/s {row['images_per_sec']:.1f} "
+             f"data_wait {100 * row['data_wait_frac']:.0f}%")
+    if progress is not None:
+        progress.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{row['lr']:.4f}",
+                             ips=f"{row['images_per_sec']:.0f}", wait=f"{100 * row['data_wait_frac']:.0f}%",
+                             refresh=False)
+    if loop.on_interval is not None:
+        loop.on_interval(row)
+    if row["data_wait_frac"] > DATA_WAIT_WARN and not state.warned_data_wait and state.step > 2 * loop.print_freq:
+        state.warned_data_wait = True
+        loop.log(f"warning: {100 * row['data_wait_frac']:.0f}% of step time is spent waiting for data: raise "
+                 "--workers (per GPU) or move the dataset to faster local storage (NVMe)")
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, normalize, autocast, stop: StopFlag | None = None,
-             channels_last: bool = True) -> dict | None:
-    """Top-1, top-5 and loss over the whole validation set, every image counted once across ranks.
+             channels_last: bool = True) -> torch.Tensor | None:
+    """Loss, top-1 and top-5 sums over this rank's share of the validation set.
 
     Ranks may hold different numbers of batches, so no collective runs inside the loop: sums stay on
-    the device and are all-reduced once at the end. Returns None when a stop signal arrived (the caller
-    agrees on it with the other ranks).
+    the device and are all-reduced once at the end (``reduce_eval``). Returns None when a stop signal
+    arrived (the caller agrees on it with the other ranks).
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=normalize.device)  # loss, correct1, correct5, count
-    for images, labels, _failed in _guarded(loader):
+    for images, labels, _failed in guarded(loader):
         if stop is not None and stop.signum:
             return None
         images, labels = normalize(images, labels)

@@ -7,7 +7,8 @@ where the permute to (B, 3, H, W) is channels_last for free.
 Randomness in workers is a pure function of (seed, epoch, sample index): a resumed run crops exactly as
 an uninterrupted one did, whatever the worker count, and skipped batches are never decoded.
 A file that fails to decode is replaced by another image of the same bucket (the batch keeps its shape);
-its path comes back with the batch so the main process can log and count it.
+its path comes back with the batch, and ``DecodeFailurePolicy`` in the main process logs and counts it
+and stops the run past ``--max_decode_failures``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,54 @@ def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: i
     loader = torch.utils.data.DataLoader(val_set, batch_sampler=_Keyed(vs, lambda: 0), num_workers=workers,
                                          collate_fn=collate, pin_memory=pin_memory)
     return loader, val_set
+
+
+class DecodeFailures(UserError):
+    pass
+
+
+class DecodeFailurePolicy:
+    """Images that fail to decode during a run (after the scan accepted them: storage errors, files changed).
+
+    Each was already replaced in its batch by another image of the same bucket; here it is logged and
+    counted, and past ``max_failures`` the run stops with one message. The list goes into checkpoints.
+    """
+
+    def __init__(self, max_failures: int, log=print):
+        self.max_failures = max_failures
+        self.log = log
+        self.failures: list[str] = []
+
+    def record(self, failed: list[str]) -> None:
+        for f in failed:
+            self.log(f"warning: could not decode {f}; replaced by another image of the same shape")
+        self.failures.extend(failed)
+        if len(self.failures) > self.max_failures:
+            raise DecodeFailures(
+                f"{len(self.failures)} images failed to decode (more than --max_decode_failures "
+                f"{self.max_failures}); first: {self.failures[0]}. Check the dataset's storage or re-copy "
+                "it; `rectrain scan --data_dir ...` lists unreadable files")
+
+    def state_dict(self) -> list[str]:
+        return list(self.failures)
+
+    def load_state_dict(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+
+
+def guarded(loader):
+    """Iterate a loader, turning 'a whole run of images cannot be decoded' into one clear message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DecodeError as e:  # from a worker it carries the worker's traceback: keep our line only
+            line = next((ln for ln in str(e).splitlines() if "failed to decode" in ln), str(e).splitlines()[0])
+            raise DecodeFailures(f"{line[:500]}. The storage may be failing or the dataset changed since it was "
+                                 "scanned: check the files, then run `rectrain scan --data_dir ...`") from None
+        yield batch
 
 
 class DeviceNormalize:

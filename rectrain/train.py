@@ -16,16 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from rectrain import checkpoint as ckpt_io
+from rectrain.checkpoint import Checkpointer, Stateful
 from rectrain.arscan import scan_split
 from rectrain.augment import BatchAugment
 from rectrain.buckets import make_buckets
 from rectrain.config import TrainConfig, add_arguments as add_config_arguments, resolve_config
-from rectrain.distributed import (DistInfo, StopFlag, all_gather_object, all_reduce_sum, average_buffers, barrier,
-                                  broadcast_object, launch, preempted_exit_code)
-from rectrain.engine import (StepContext, TrainState, autocast_factory, evaluate, reduce_eval,
-                             train_one_epoch)
+from rectrain.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, barrier, launch,
+                                  preempted_exit_code)
+from rectrain.engine import (LoopSettings, LRSchedule, TrainState, TrainStep, autocast_factory, evaluate,
+                             reduce_eval, train_one_epoch)
 from rectrain.errors import UserError
-from rectrain.loader import DeviceNormalize, build_loaders, cap_workers
+from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
 from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
 from rectrain.model import build_model, count_parameters, param_groups
 
@@ -104,6 +105,8 @@ def train_worker(cfg: TrainConfig, info: DistInfo) -> int:
 
 
 class Trainer:
+    """One process's share of a run: set-up, resume, then epochs of training, validation and checkpoints."""
+
     def __init__(self, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger):
         self.cfg, self.info, self.paths, self.logger = cfg, info, paths, logger
         self.device = torch.device(info.device)
@@ -112,22 +115,19 @@ class Trainer:
         self.stop = StopFlag()
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _scan(self, split: str, classes=None):
+        """Rank 0 scans (and writes the cache) first; the others then read the cache."""
+        kw = dict(classes=classes, cache_dir=self.paths.run_dir, workers=None, progress=self.info.is_primary)
+        scan = scan_split(self.cfg.data_dir, split, **kw) if self.info.is_primary else None
+        barrier()
+        return scan if scan is not None else scan_split(self.cfg.data_dir, split, **kw)
+
     def setup_data(self) -> None:
         cfg, info = self.cfg, self.info
-        scan_kw = dict(cache_dir=self.paths.run_dir, workers=None, progress=info.is_primary)
-        # Rank 0 scans (and writes the cache) first; the others then read the cache.
-        if info.is_primary:
-            train = scan_split(cfg.data_dir, "train", **scan_kw)
-        barrier()
-        if not info.is_primary:
-            train = scan_split(cfg.data_dir, "train", **scan_kw)
+        train = self._scan("train")
         val = None
         if os.path.isdir(os.path.join(cfg.data_dir, "val")):
-            if info.is_primary:
-                val = scan_split(cfg.data_dir, "val", classes=train.index.classes, **scan_kw)
-            barrier()
-            if not info.is_primary:
-                val = scan_split(cfg.data_dir, "val", classes=train.index.classes, **scan_kw)
+            val = self._scan("val", classes=train.index.classes)
         else:
             self.log(f"note: {cfg.data_dir} has no val/ folder: training without validation")
         for name, s in (("train", train), ("val", val)):
@@ -146,7 +146,8 @@ class Trainer:
         self.steps_per_epoch = len(self.loaders.train_sampler)
         self.log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
                  f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "
-                 f"{self.steps_per_epoch} batches per epoch per process, {workers} workers per process")
+                 f"{self.steps_per_epoch} batches per epoch per process, "
+                 f"{workers} worker{'s' if workers != 1 else ''} per process")
 
     def setup_model(self) -> None:
         cfg = self.cfg
@@ -167,10 +168,10 @@ class Trainer:
         if not cfg.no_amp and not self.is_cuda:
             self.log("note: mixed precision is used on CUDA only; training in fp32 on the CPU")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp_dtype] if amp else None
-        self.amp_dtype = amp_dtype
         self.autocast = autocast_factory(str(self.device), amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.augment = BatchAugment(cfg.augmentation(), seed=cfg.seed, rank=self.info.rank, device=self.device)
+        self.failures = DecodeFailurePolicy(cfg.max_decode_failures, log=self.log)
         self.log(f"model: {cfg.arch} ({count_parameters(model):,} parameters), device {self.device}, "
                  f"precision {'fp32' if amp_dtype is None else cfg.amp_dtype}, augmentations {self.augment.config}")
 
@@ -186,102 +187,18 @@ class Trainer:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets) + 8)
             self.train_model = torch.compile(self.train_model, dynamic=False)
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def rank_state(self) -> dict:
-        return {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.is_cuda else None,
-            "augment": self.augment.state_dict(),
-            "epoch_loss_sum": self.state.epoch_loss_sum,
-            "epoch_images": self.state.epoch_images,
-        }
+    def build_step(self) -> TrainStep:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
+                              min_lr=cfg.min_lr)
+        return TrainStep(self.train_model, self.optimizer, self.scaler, DeviceNormalize(self.device), self.augment,
+                         self.autocast, schedule, cfg.label_smoothing, self.channels_last)
 
-    def save(self, kind: str, metrics: dict | None = None) -> None:
-        """kind: 'epoch' (end of epoch: epoch file + last, best when improved) or 'last' (mid-epoch stop).
-
-        Every rank calls this (it gathers per-rank RNG state); rank 0 writes, then tells the others
-        whether it worked, so no rank waits forever on a rank that failed.
-        """
-        ranks = all_gather_object(self.rank_state())
-        error = None
-        if self.info.is_primary:
-            s = self.state
-            ckpt = {
-                "format_version": ckpt_io.FORMAT_VERSION,
-                "model": ckpt_io.unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch,
-                "steps_per_epoch": self.steps_per_epoch,
-                "best_acc1": s.best_acc1,
-                "decode_failures": list(s.decode_failures),
-                "sampler": {"epoch": s.epoch, "start_batch": s.batch_in_epoch, "seed": self.cfg.seed,
-                            "world_size": self.info.world_size},
-                "rng": ranks,
-                "world_size": self.info.world_size,
-                "classes": list(self.classes),
-                "arch": self.cfg.arch,
-                "config": self.cfg.to_dict(),
-                "metrics": metrics or {},
-            }
-            try:
-                if kind == "epoch":
-                    path = ckpt_io.epoch_path(self.paths.ckpt_dir, s.epoch)
-                    ckpt_io.save_atomic(ckpt, path)
-                    ckpt_io.link_or_copy(path, os.path.join(self.paths.ckpt_dir, "last.pth"))
-                    if metrics and metrics.get("is_best"):
-                        ckpt_io.link_or_copy(path, os.path.join(self.paths.ckpt_dir, "best.pth"))
-                    for p in ckpt_io.prune(self.paths.ckpt_dir, self.cfg.keep_checkpoints):
-                        self.log(f"removed old checkpoint {p}")
-                else:
-                    path = os.path.join(self.paths.ckpt_dir, "last.pth")
-                    ckpt_io.save_atomic(ckpt, path)
-                self.log(f"saved checkpoint {path}")
-            except UserError as e:
-                error = str(e)
-        error = broadcast_object(error)
-        if error:
-            raise UserError(error)
-
-    def resume(self) -> None:
-        cfg, state = self.cfg, self.state
-        if not cfg.resume:
-            return
-        if cfg.resume == "auto":
-            found = ckpt_io.find_resumable(self.paths.ckpt_dir, log=self.log)
-            if found is None:
-                self.log(f"note: --resume auto found no checkpoint in {self.paths.ckpt_dir}: starting from scratch")
-                return
-            path, ckpt = found
-        else:
-            path, ckpt = cfg.resume, ckpt_io.load(cfg.resume)
-        if list(ckpt.get("classes", self.classes)) != list(self.classes):
-            raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data_dir}; resume with the "
-                            "same dataset, or start a new --run_name")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path} does not fit --arch {cfg.arch}: {str(e).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        state.best_acc1 = ckpt.get("best_acc1", -1.0)
-        state.decode_failures = list(ckpt.get("decode_failures", []))
-        same_world = ckpt.get("world_size") == self.info.world_size and ckpt.get("steps_per_epoch") == self.steps_per_epoch
-        if same_world:
-            mine = ckpt["rng"][self.info.rank]
-            torch.set_rng_state(mine["torch_rng"])
-            if self.is_cuda and mine.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
-            self.augment.load_state_dict(mine["augment"])
-            state.epoch_loss_sum, state.epoch_images = mine["epoch_loss_sum"], mine["epoch_images"]
-        elif state.batch_in_epoch:
-            self.log(f"note: checkpoint was written with {ckpt.get('world_size')} process(es) and "
-                     f"{ckpt.get('steps_per_epoch')} batches/epoch; now {self.info.world_size} and "
-                     f"{self.steps_per_epoch}: epoch {state.epoch + 1} restarts from its first batch")
-            state.batch_in_epoch = 0
-            state.step = state.epoch * self.steps_per_epoch
-        self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
+    def build_checkpointer(self) -> Checkpointer:
+        parts = Stateful(self.model, self.optimizer, self.scaler, self.augment, self.failures)
+        return Checkpointer(self.paths.ckpt_dir, parts, info=self.info, config=self.cfg.to_dict(),
+                            classes=self.classes, steps_per_epoch=self.steps_per_epoch,
+                            keep=self.cfg.keep_checkpoints, log=self.log)
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -290,7 +207,10 @@ class Trainer:
         self.setup_data()
         self.setup_model()
         self.state = TrainState()
-        self.resume()
+        self.checkpointer = self.build_checkpointer()
+        found = self.checkpointer.find(cfg.resume)
+        if found is not None:
+            self.checkpointer.restore(*found, self.state)
         self.wrap_model()
         global_batch = cfg.batch_size * info.world_size
         self.log(f"global batch {global_batch} ({info.world_size} process(es) x {cfg.batch_size}); --lr {cfg.lr} "
@@ -298,17 +218,12 @@ class Trainer:
         if info.is_primary:
             write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), cfg.to_dict())
         metrics = MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1) if info.is_primary else None
-        ctx = StepContext(
-            model=self.train_model, optimizer=self.optimizer, scaler=self.scaler,
-            normalize=DeviceNormalize(self.device), augment=self.augment, autocast=self.autocast,
-            label_smoothing=cfg.label_smoothing, base_lr=cfg.lr, min_lr=cfg.min_lr,
-            total_steps=cfg.epochs * self.steps_per_epoch,
-            warmup_steps=round(cfg.warmup * self.steps_per_epoch), channels_last=self.channels_last,
-            print_freq=cfg.print_freq, max_decode_failures=cfg.max_decode_failures, world_size=info.world_size,
-            log=self.log, is_primary=info.is_primary, max_steps=cfg.max_steps)
+        self.train_step = self.build_step()
+        self.loop = LoopSettings(steps_per_epoch=self.steps_per_epoch, print_freq=cfg.print_freq,
+                                 world_size=info.world_size, log=self.log, max_steps=cfg.max_steps)
         self.stop.install()
         try:
-            code = self._epochs(ctx, metrics)
+            code = self._epochs(metrics)
         finally:
             self.stop.uninstall()
             if metrics is not None:
@@ -320,41 +235,44 @@ class Trainer:
                 self._summary(metrics, time.time() - t0)
         return code
 
-    def _epochs(self, ctx: StepContext, metrics: MetricsWriter | None) -> int:
-        cfg, state = self.cfg, self.state
+    def _train_epoch(self, epoch: int) -> tuple[dict, int]:
         sampler = self.loaders.train_sampler
+        sampler.set_epoch(epoch)
+        sampler.load_state_dict({"epoch": epoch, "start_batch": self.state.batch_in_epoch})
+        progress = self._progress(epoch)
+        try:
+            return train_one_epoch(self.train_step, self.loaders.train, self.state, self.stop, self.loop,
+                                   self.failures, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _epochs(self, metrics: MetricsWriter | None) -> int:
+        cfg, state, save = self.cfg, self.state, self.checkpointer.save
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             stats = {}
             if state.batch_in_epoch < self.steps_per_epoch:
-                sampler.set_epoch(epoch)
-                sampler.load_state_dict({"epoch": epoch, "start_batch": state.batch_in_epoch})
-                progress = self._progress(epoch)
-                try:
-                    stats, signum = train_one_epoch(ctx, self.loaders.train, state, self.stop,
-                                                    self.steps_per_epoch, progress)
-                finally:
-                    if progress is not None:
-                        progress.close()
+                stats, signum = self._train_epoch(epoch)
                 if signum:
                     self.log(f"stopping on signal {signum}: saving a checkpoint at epoch {epoch + 1}, "
                              f"batch {state.batch_in_epoch}")
-                    self.save("last")
+                    save("last", state)
                     return preempted_exit_code(signum)
                 if state.batch_in_epoch < self.steps_per_epoch:  # --max_steps reached mid-epoch
                     self.log(f"--max_steps {cfg.max_steps} reached at step {state.step}")
-                    self.save("last")
+                    save("last", state)
                     return 0
             average_buffers(self.model)  # identical BatchNorm statistics on every rank
             row = self._validate_and_row(epoch, stats)
             if row is None:  # a stop signal during validation: resume will validate this epoch again
                 self.log(f"stopping on signal {self.stop.signum} during validation of epoch {epoch + 1}: "
                          "saving a checkpoint")
-                self.save("last")
+                save("last", state)
                 return preempted_exit_code(self.stop.signum)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             state.epoch_loss_sum, state.epoch_images = 0.0, 0
-            self.save("epoch", row)
+            save("epoch", state, row)
             if metrics is not None:
                 metrics.add({k: v for k, v in row.items() if k != "is_best"})
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
