@@ -19,6 +19,7 @@ import torch
 
 from rectrain.distributed import all_gather_object, broadcast_object
 from rectrain.errors import UserError
+from rectrain.samplers import ORDER_VERSION
 
 FORMAT_VERSION = 1
 EPOCH_PATTERN = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
@@ -189,7 +190,7 @@ class Checkpointer:
             "steps_per_epoch": self.steps_per_epoch, "best_acc1": state.best_acc1,
             "decode_failures": p.failures.state_dict(),
             "sampler": {"epoch": state.epoch, "start_batch": state.batch_in_epoch, "seed": self.config.get("seed"),
-                        "world_size": self.info.world_size},
+                        "world_size": self.info.world_size, "order_version": ORDER_VERSION},
             "rng": ranks, "world_size": self.info.world_size,
             "classes": list(self.classes), "arch": self.config.get("arch"), "config": self.config,
             "metrics": metrics or {},
@@ -258,6 +259,11 @@ class Checkpointer:
         old_spe = ckpt.get("steps_per_epoch") or self.steps_per_epoch
         if ckpt.get("world_size") == self.info.world_size and old_spe == self.steps_per_epoch:
             self._restore_rank(ckpt["rng"][self.info.rank], state)
+            order = ckpt.get("sampler", {}).get("order_version", 1)
+            if state.batch_in_epoch and self.info.world_size > 1 and order != ORDER_VERSION:
+                self.log(f"warning: {path} was written by a rectrain that dealt batches to ranks in another order; "
+                         f"the rest of epoch {state.epoch + 1} may repeat some images and miss others "
+                         "(later epochs are exact)")
         else:
             self._rescale(ckpt, state, old_spe)
         self.log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")

@@ -191,6 +191,97 @@ def test_distributed_order_changes_every_epoch():
     assert list(s) != first
 
 
+def steps_of_all_ranks(ids, batch_size, world, epoch=0, seed=42):
+    """Step j: the bucket ids trained by every rank at step j (one sampler object per rank)."""
+    return [[int(ids[b[0]]) for b in step] for step in zip(*epoch_of_all_ranks(ids, batch_size, world, epoch, seed))]
+
+
+def batches_per_bucket(ids, batch_size, seed=42):
+    return [len(g) for g in AspectRatioBatchSampler(ids, batch_size, seed=seed).bucket_batches(0)]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_every_step_trains_one_shape_except_the_leftover_rounds(world):
+    ids = bucket_ids(2000, 9)
+    per_bucket = batches_per_bucket(ids, 16)
+    leftovers = sum(n % world for n in per_bucket)
+    steps = steps_of_all_ranks(ids, 16, world)
+    mixed = sum(len(set(step)) > 1 for step in steps)
+    assert len(steps) - mixed == sum(n // world for n in per_bucket) > 0
+    assert mixed == leftovers // world and mixed <= len(per_bucket) - 1
+
+
+@pytest.mark.parametrize("world", range(2, 9))
+def test_leftover_rounds_hold_neighbouring_buckets_in_order(world):
+    ids = bucket_ids(2000, 9)
+    mixed = [step for step in steps_of_all_ranks(ids, 16, world) if len(set(step)) > 1]
+    assert mixed and all(step == sorted(step) for step in mixed)
+    spans = sorted((step[0], step[-1]) for step in mixed)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # ranges of bucket ids never interleave
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_fewer_than_world_size_batches_are_dropped_per_epoch(world):
+    ids = bucket_ids(2000, 9)
+    base = AspectRatioBatchSampler(ids, 16)
+    available = len(base)
+    dealt = DistributedBatchSampler(base, world, 0).global_batches(0)
+    assert len(dealt) == available - available % world
+    assert {tuple(b) for b in as_tuples(dealt)} <= set(as_tuples(base.batches(0)))
+
+
+def test_dropped_leftover_batches_change_from_epoch_to_epoch():
+    ids = bucket_ids(2000, 9)
+    s = DistributedBatchSampler(AspectRatioBatchSampler(ids, 16), 8, 0)
+    used = [set(np.concatenate(s.global_batches(e)).tolist()) for e in (0, 1)]
+    assert used[0] != used[1]
+
+
+def test_world_size_one_gives_the_base_sampler_batches():
+    for ids, batch_size in [(bucket_ids(1000, 9), 16), *tiny_datasets()]:
+        base = AspectRatioBatchSampler(ids, batch_size)
+        for epoch in (0, 1, 5):
+            assert as_tuples(DistributedBatchSampler(base, 1, 0).global_batches(epoch)) == \
+                as_tuples(base.batches(epoch))
+
+
+@pytest.mark.parametrize("world", range(2, 9))
+def test_rank_batches_change_every_epoch(world):
+    s = DistributedBatchSampler(AspectRatioBatchSampler(bucket_ids(2000, 9), 16), world, world - 1)
+    assert as_tuples(s.rank_batches(0)) != as_tuples(s.rank_batches(1))
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_rounds_are_a_pure_function_of_seed_and_epoch(world):
+    ids = bucket_ids(1000, 9)
+    a = DistributedBatchSampler(AspectRatioBatchSampler(ids, 16, seed=7), world, 0)
+    b = DistributedBatchSampler(AspectRatioBatchSampler(ids, 16, seed=7), world, world - 1)
+    b.rounds(5)
+    np.random.seed(0)
+    before = np.random.get_state()[1].copy()
+    assert [as_tuples(r) for r in a.rounds(3)] == [as_tuples(r) for r in b.rounds(3)]
+    assert np.array_equal(np.random.get_state()[1], before)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_batch_count_per_rank_is_the_same_every_epoch(world):
+    s = DistributedBatchSampler(AspectRatioBatchSampler(bucket_ids(1000, 9), 16), world, 0)
+    assert {len(s.rank_batches(e)) for e in range(4)} == {len(s)}
+    assert all(len(r) == world for r in s.rounds(2)) and len(s.rounds(2)) == len(s)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_resume_of_a_tiny_dataset_yields_the_tail_of_the_uninterrupted_epoch(world):
+    for ids, batch_size in tiny_datasets():
+        for rank in range(world):
+            full = DistributedBatchSampler(AspectRatioBatchSampler(ids, batch_size), world, rank)
+            full.set_epoch(2)
+            uninterrupted = list(full)
+            resumed = DistributedBatchSampler(AspectRatioBatchSampler(ids, batch_size), world, rank)
+            resumed.load_state_dict({"epoch": 2, "start_batch": len(uninterrupted) // 2})
+            assert list(resumed) == uninterrupted[len(uninterrupted) // 2:]
+
+
 def test_set_epoch_reaches_the_base_sampler():
     base = AspectRatioBatchSampler(bucket_ids(50, 2), 4)
     DistributedBatchSampler(base, 2, 0).set_epoch(6)
