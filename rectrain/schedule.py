@@ -1,12 +1,19 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay, as a pure function of the step.
+"""Schedules as pure functions: the learning rate of the step, the image resolution of the epoch.
 
-Stepped per iteration, not per epoch (Goyal et al. 2017 warm-up; Loshchilov & Hutter 2017 cosine).
-Pure, so resume needs no scheduler state: the step count is enough.
+The learning rate is linear warm-up, then cosine decay, stepped per iteration, not per epoch (Goyal et
+al. 2017 warm-up; Loshchilov & Hutter 2017 cosine). The resolution rises linearly between two epochs,
+in multiples of 32 (FFCV's progressive resizing). Pure, so resume needs no scheduler state: the step
+and epoch counts are enough.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from rectrain.buckets import MULTIPLE
+from rectrain.errors import UserError
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
@@ -29,3 +36,95 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, mi
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive resolution (FFCV's ResNet-50 recipe: low resolution early, where the model learns coarse
+# features cheaply, rising to the final size for the last epochs). A pure function of the epoch, so
+# resume needs nothing saved but the epoch.
+
+def resolution_at(epoch: int, start: int, end: int, start_epoch: int, end_epoch: int,
+                  multiple: int = MULTIPLE) -> int:
+    """Image size for ``epoch`` (0-based, as the trainer counts): ``start`` up to and including
+    ``start_epoch``, then linear to ``end`` at ``end_epoch``, then ``end``; rounded to a multiple of
+    ``multiple`` (32: ResNet's total stride, as the buckets and FFCV round).
+
+    Rounding is to the nearest multiple, ties to even, computed exactly (FFCV's ``np.round`` of the
+    interpolated value: the same sizes epoch for epoch). ``start`` and ``end`` should themselves be
+    multiples (``ResolutionSchedule`` checks it); otherwise they are rounded too.
+    """
+    if start > end or start_epoch > end_epoch or multiple < 1:
+        raise ValueError(f"need start <= end, start_epoch <= end_epoch and multiple >= 1, got "
+                         f"{start}, {end}, {start_epoch}, {end_epoch}, {multiple}")
+    if epoch <= start_epoch:
+        size = Fraction(start)
+    elif epoch >= end_epoch:
+        size = Fraction(end)
+    else:
+        size = start + Fraction((end - start) * (epoch - start_epoch), end_epoch - start_epoch)
+    return round(size / multiple) * multiple  # round() of a Fraction is exact, ties to even
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """A progressive-resolution schedule, written ``START:END:E1:E2`` on the command line.
+
+    ``START`` through epoch E1, a linear ramp to ``END`` at epoch E2 rounded to multiples of 32, then
+    ``END``. Epochs count from 0, as the trainer's. ``160:192:2:13`` (FFCV's ResNet-50 sizes) is 160
+    for epochs 0-7 and 192 from epoch 8, where the ramp passes 176; ``128:224:0:6`` gives
+    128, 128, 160, 192, 192, 192, 224 (the ramp's exact ties 144 and 208 round to even multiples,
+    as FFCV's ``np.round``). E1 == E2 is a single jump after E1. The size is what the
+    buckets are built from (``target_size``: the shorter side, or the square root of the area in
+    ``area`` mode).
+    """
+
+    start: int
+    end: int
+    start_epoch: int
+    end_epoch: int
+
+    def __post_init__(self):
+        for name in ("start", "end", "start_epoch", "end_epoch"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise UserError(f"resolution schedule {self}: {name} must be an integer, "
+                                f"got {getattr(self, name)!r}")
+        if self.start < MULTIPLE or self.start % MULTIPLE or self.end % MULTIPLE:
+            raise UserError(f"resolution schedule {self}: START and END must be multiples of {MULTIPLE}, "
+                            f"at least {MULTIPLE} (e.g. 160:192:2:13)")
+        if self.start > self.end:
+            raise UserError(f"resolution schedule {self}: START must not exceed END (it only rises)")
+        if not 0 <= self.start_epoch <= self.end_epoch:
+            raise UserError(f"resolution schedule {self}: need 0 <= E1 <= E2 (epochs count from 0)")
+
+    @classmethod
+    def parse(cls, spec: str) -> "ResolutionSchedule":
+        """``"160:192:2:13"`` -> ResolutionSchedule(160, 192, 2, 13); UserError naming the spec if malformed."""
+        parts = str(spec).split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(parts) != 4 or len(values) != 4:
+            raise UserError(f"resolution schedule {spec!r} must be START:END:E1:E2 in integers, "
+                            "e.g. 160:192:2:13 (160 px through epoch 2, ramping to 192 at epoch 13)")
+        return cls(*values)
+
+    def at(self, epoch: int) -> int:
+        """The size for ``epoch`` (0-based)."""
+        return resolution_at(epoch, self.start, self.end, self.start_epoch, self.end_epoch)
+
+    def sizes(self, epochs: int, first_epoch: int = 0) -> list[int]:
+        """The distinct sizes epochs ``first_epoch`` .. ``epochs - 1`` use, in order of first use (so the
+        trainer can build and warm up each bucket table before its first epoch; on resume, pass the
+        resume epoch as ``first_epoch``)."""
+        return list(dict.fromkeys(self.at(e) for e in range(first_epoch, epochs)))
+
+    def check_epochs(self, epochs: int) -> None:
+        """UserError when a run of ``epochs`` epochs (0 .. epochs-1) would end before reaching END."""
+        if self.end_epoch > epochs - 1 and self.at(epochs - 1) != self.end:
+            raise UserError(f"resolution schedule {self}: E2={self.end_epoch} is past the last epoch "
+                            f"({epochs - 1} of --epochs {epochs}), so the run never trains at {self.end}; "
+                            f"lower E2 or raise --epochs")
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}:{self.start_epoch}:{self.end_epoch}"

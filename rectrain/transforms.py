@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 
-__all__ = ["DECODERS", "IMAGENET_MEAN", "IMAGENET_STD", "ALPHA_BACKGROUND", "DecodeError", "open_rgb", "RectangularCropTfm"]
+__all__ = ["CROPS", "DECODERS", "IMAGENET_MEAN", "IMAGENET_STD", "ALPHA_BACKGROUND", "DecodeError", "open_rgb", "RectangularCropTfm"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on the 0..1 scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +46,7 @@ _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 DECODERS = ("auto", "pil", "opencv")  # auto: OpenCV for JPEGs when it is installed, else Pillow
+CROPS = ("random", "resize")  # train crop: random-resized crop, or the whole image resized (the seed's)
 
 try:  # optional: OpenCV decodes JPEGs about 2x faster than Pillow here and resizes with SIMD
     import cv2
@@ -161,43 +162,67 @@ def _largest_box(h: float, w: float, ratio: float) -> tuple[float, float]:
     return (h, h * ratio) if w / h >= ratio else (w / ratio, w)
 
 
+def _flip_probability(hflip) -> float:
+    """hflip as a probability; True/False (the old switch) mean 0.5/0."""
+    if isinstance(hflip, (bool, np.bool_)):
+        return 0.5 if hflip else 0.0
+    p = float(hflip)
+    if not 0 <= p <= 1:
+        raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
+    return p
+
+
 class RectangularCropTfm:
-    """Crop an image file to an (H, W) bucket shape: uint8 (H, W, 3), no distortion.
+    """Crop an image file to an (H, W) bucket shape: uint8 (H, W, 3).
 
-    Crops keep the bucket's ratio W/H exactly; "the largest box" is the largest box of that ratio that
-    fits in the (upright) image, so images wider or taller than the bucket lose their sides (this is how
-    ratios beyond ``max_ratio`` are clamped).
+    "The largest box" is the largest box of the bucket's ratio W/H that fits in the (upright) image, so
+    images wider or taller than the bucket lose their sides (this is how ratios beyond ``max_ratio`` are
+    clamped).
 
-    - ``train=True``: random-resized crop. Area fraction uniform in ``scale`` of the largest box (for an
-      image whose ratio matches its bucket, that is the fraction of the image, as torchvision's
-      RandomResizedCrop), uniform position, horizontal flip with p=0.5 if ``hflip``. The default
+    - ``train=True``, ``crop="random"`` (default): random-resized crop, no distortion. Area fraction
+      uniform in ``scale`` of the largest box (for an image whose ratio matches its bucket, that is the
+      fraction of the image, as torchvision's RandomResizedCrop), uniform position. The default
       ``scale=(0.08, 1.0)`` is the Inception/torchvision ImageNet recipe that ResNet-50's ~76-77% top-1
       is quoted with; raise the lower bound (fast.ai's DAWNBench runs used 0.35) for short schedules or
       small models, where the strong zoom under-fits.
-    - ``train=False``: centre crop whose sides are ``val_crop`` x the largest box, deterministic. With
-      ``val_crop=0.875`` this equals "resize the shorter side to target/0.875, centre-crop the target".
+    - ``train=True``, ``crop="resize"``: the seed's literal per-image transform: the whole image resized
+      to the bucket shape, no crop, ``scale`` unused. The aspect distortion is only the gap between the
+      image's ratio and its bucket's (small, as images go to the nearest bucket; beyond ``max_ratio``
+      it grows); every other augmentation is left to the batch (``rectrain.augment``).
+    - Both train crops flip horizontally with probability ``hflip`` (0 never, 1 always; True/False
+      mean 0.5/0). The flip is drawn from ``rng`` like the box, so a sample's pixels are a pure
+      function of its rng whichever decoder runs.
+    - ``train=False``: centre crop whose sides are ``val_crop`` x the largest box, deterministic, never
+      flipped (``crop`` and ``hflip`` are train settings). With ``val_crop=0.875`` this equals "resize
+      the shorter side to target/0.875, centre-crop the target".
 
     The box is resized to the output with Pillow's antialiased bilinear filter (upsampling small images).
     """
 
-    def __init__(self, train: bool, scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
-                 val_crop: float = 0.875, decoder: str = "auto"):
+    def __init__(self, train: bool, scale: tuple[float, float] = (0.08, 1.0), hflip: float | bool = 0.5,
+                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random"):
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not 0 < val_crop <= 1:
             raise ValueError(f"val_crop must be in (0, 1], got {val_crop}")
-        self.train = bool(train)
-        self.scale = (lo, hi)
-        self.hflip = bool(hflip)
-        self.val_crop = float(val_crop)
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        self.train = bool(train)
+        self.scale = (lo, hi)
+        self.hflip = _flip_probability(hflip)
+        self.val_crop = float(val_crop)
         self.decoder = decoder
+        self.crop = crop
 
     def box(self, size_hw, out_hw, rng: np.random.Generator | None = None) -> tuple[tuple[float, ...], bool]:
         """Crop box (x0, y0, x1, y1) in the (H, W) image's pixels and whether to flip. Pure given ``rng``."""
         h, w = (float(v) for v in size_hw)
+        if self.train and self.crop == "resize":
+            rng = np.random.default_rng() if rng is None else rng
+            return (0.0, 0.0, w, h), bool(rng.random() < self.hflip)
         bh, bw = _largest_box(h, w, out_hw[1] / out_hw[0])
         if not self.train:
             ch, cw = bh * self.val_crop, bw * self.val_crop
@@ -207,7 +232,9 @@ class RectangularCropTfm:
         side = math.sqrt(rng.uniform(*self.scale))  # area fraction -> side fraction
         ch, cw = bh * side, bw * side
         x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-        flip = bool(rng.random() < 0.5) and self.hflip
+        # Always drawn, last: the box does not depend on hflip, and p=0.5 keeps the old streams.
+        # random() is in [0, 1): p=0 never flips, p=1 always does.
+        flip = bool(rng.random() < self.hflip)
         return (x0, y0, x0 + cw, y0 + ch), flip
 
     def __call__(self, path: str, out_hw: tuple[int, int], rng: np.random.Generator | None = None,
@@ -237,6 +264,8 @@ class RectangularCropTfm:
         return np.array(out, dtype=np.uint8)  # writable (np.asarray of a PIL image is read-only)
 
     def __repr__(self) -> str:
+        if self.train and self.crop == "resize":
+            return f"RectangularCropTfm(train=True, crop='resize', hflip={self.hflip})"
         if self.train:
             return f"RectangularCropTfm(train=True, scale={self.scale}, hflip={self.hflip})"
         return f"RectangularCropTfm(train=False, val_crop={self.val_crop})"

@@ -287,7 +287,9 @@ def test_invalid_scale_is_rejected():
 
 def test_repr_names_the_settings():
     assert repr(RectangularCropTfm(train=True, scale=(0.35, 1.0))) == \
-        "RectangularCropTfm(train=True, scale=(0.35, 1.0), hflip=True)"
+        "RectangularCropTfm(train=True, scale=(0.35, 1.0), hflip=0.5)"
+    assert repr(RectangularCropTfm(train=True, crop="resize", hflip=0.25)) == \
+        "RectangularCropTfm(train=True, crop='resize', hflip=0.25)"
     assert repr(RectangularCropTfm(train=False)) == "RectangularCropTfm(train=False, val_crop=0.875)"
 
 
@@ -347,3 +349,104 @@ def test_exif_rotated_tiff_is_rotated_once(tmp_path):
         upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     assert upright.shape == (40, 30, 3)
     assert np.array_equal(np.asarray(open_rgb(path)), upright)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image augmentation switches: the flip probability and the crop mode, on pixels, for both decoders.
+
+DECODER_NAMES = ["pil", pytest.param("opencv", marks=needs_cv2)]
+LANDSCAPE_HW = (90, 120)  # files["landscape"]: red grows left to right, green top to bottom
+
+
+def is_mirrored(out):
+    """The gradient's red channel grows to the right in the source: falling means the output was flipped."""
+    return out[:, -4:, 0].astype(int).mean() < out[:, :4, 0].astype(int).mean()
+
+
+def flips_on_pixels(files, decoder, seeds=range(100), **kw):
+    tfm = RectangularCropTfm(train=True, decoder=decoder, **kw)
+    return [is_mirrored(tfm(files["landscape"], (48, 64), np.random.default_rng(s), size_hw=LANDSCAPE_HW))
+            for s in seeds]
+
+
+@pytest.mark.parametrize("decoder", DECODER_NAMES)
+@pytest.mark.parametrize("crop", ["random", "resize"])
+def test_hflip_0_never_flips_the_pixels(files, decoder, crop):
+    assert not any(flips_on_pixels(files, decoder, hflip=0, crop=crop))
+
+
+@pytest.mark.parametrize("decoder", DECODER_NAMES)
+@pytest.mark.parametrize("crop", ["random", "resize"])
+def test_hflip_1_always_flips_the_pixels(files, decoder, crop):
+    assert all(flips_on_pixels(files, decoder, hflip=1, crop=crop))
+
+
+@pytest.mark.parametrize("decoder", DECODER_NAMES)
+def test_hflip_half_flips_about_half_the_images(files, decoder):
+    assert 35 <= sum(flips_on_pixels(files, decoder, hflip=0.5)) <= 65  # 100 seeds: mean 50, sd 5
+
+
+@needs_cv2
+@pytest.mark.parametrize("crop", ["random", "resize"])
+def test_both_decoders_flip_the_same_samples(files, crop):
+    assert flips_on_pixels(files, "pil", hflip=0.5, crop=crop) == flips_on_pixels(files, "opencv", hflip=0.5, crop=crop)
+
+
+def test_flip_probability_is_drawn_per_rng():
+    tfm = RectangularCropTfm(train=True, hflip=0.2)
+    flips = sum(tfm.box((375, 500), (224, 288), np.random.default_rng(s))[1] for s in range(1000))
+    assert 160 <= flips <= 240  # mean 200, sd 12.6
+
+
+def test_hflip_true_and_false_mean_half_and_never():
+    assert RectangularCropTfm(train=True, hflip=True).hflip == 0.5
+    assert RectangularCropTfm(train=True, hflip=False).hflip == 0.0
+    assert RectangularCropTfm(train=True, hflip=1).hflip == 1.0  # an int is a probability, not a switch
+
+
+def test_flip_probability_does_not_move_the_box():
+    boxes = [RectangularCropTfm(train=True, hflip=p).box((375, 500), (224, 288), np.random.default_rng(4))[0]
+             for p in (0, 0.3, 1)]
+    assert boxes[0] == boxes[1] == boxes[2]
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_flip_probability_outside_0_1_is_rejected(p):
+    with pytest.raises(ValueError, match="hflip"):
+        RectangularCropTfm(train=True, hflip=p)
+
+
+def test_unknown_crop_mode_is_rejected():
+    with pytest.raises(ValueError, match="crop"):
+        RectangularCropTfm(train=True, crop="centre")
+
+
+def test_resize_box_is_the_whole_image():
+    box, _ = RectangularCropTfm(train=True, crop="resize").box((375, 500), (224, 320), np.random.default_rng(0))
+    assert box == (0, 0, 500, 375)
+
+
+def test_val_ignores_the_train_crop_mode_and_flip():
+    a = RectangularCropTfm(train=False, crop="resize", hflip=1).box((375, 500), (224, 320))
+    assert a == RectangularCropTfm(train=False).box((375, 500), (224, 320))
+
+
+@pytest.mark.parametrize("decoder", DECODER_NAMES)
+@pytest.mark.parametrize("name, out_hw", [("landscape", (64, 96)), ("large", (64, 96)), ("portrait", (96, 48))])
+def test_resize_crop_is_the_whole_image_resized(files, decoder, name, out_hw):
+    # 4:3 -> 3:2 and 3:5 -> 1:2: a little distortion; the large JPEG also takes the 1/8 reduced decode.
+    with Image.open(files[name]) as im:
+        full = im.convert("RGB")
+    ref = np.asarray(full.resize(out_hw[::-1], Image.Resampling.BILINEAR)).astype(int)
+    tfm = RectangularCropTfm(train=True, crop="resize", hflip=0, decoder=decoder)
+    out = tfm(files[name], out_hw, np.random.default_rng(0), size_hw=full.size[::-1]).astype(int)
+    assert out.shape == ref.shape
+    # Red and green ramps only: blue is high-frequency and aliases differently in each resampler.
+    assert np.abs(out[..., :2] - ref[..., :2]).mean() < 3
+    assert np.abs(out[[0, -1]][:, [0, -1], :2] - ref[[0, -1]][:, [0, -1], :2]).max() < 16  # corners: nothing cut
+
+
+def test_resize_crop_is_the_same_for_every_rng_without_flip(files):
+    tfm = RectangularCropTfm(train=True, crop="resize", hflip=0)
+    a, b = (tfm(files["landscape"], (64, 96), np.random.default_rng(s)) for s in (1, 2))
+    assert np.array_equal(a, b)
