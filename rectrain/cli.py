@@ -1,14 +1,17 @@
 """The `rectrain` command line: one subcommand per job.
 
 Each subcommand lives beside the concept it drives and exposes ``add_arguments(parser)`` and
-``run(args) -> int``. A ``UserError`` from any of them is printed as one line (no traceback)
-and exits with status 2.
+``run(args) -> int``. Every user mistake ends in ONE line on stderr and exit status 2: a bad flag
+or value (``ArgParser.error``, with a did-you-mean for unknown flags and commands) and a
+``UserError`` raised by a command (printed without a traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 
 from rectrain import __version__
@@ -22,29 +25,90 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rectrain.bench", "benchmarks: `rectrain bench loader` measures decoded images/s"),
     "scan": ("rectrain.arscan", "scan an image folder: counts, bad files, aspect ratios, buckets (builds the cache)"),
     "synth": ("rectrain.synth", "write a synthetic ImageNet-style folder of JPEGs (tests, demo, benchmarks)"),
+    "prepare": ("rectrain.prepare", "write a downscaled copy of an image folder (faster decoding), resumable"),
+    "check": ("rectrain.check", "pre-flight checklist: software, GPUs, dataset, cache, disk, memory, loader speed"),
+    "predict": ("rectrain.predict", "classify images or folders with a checkpoint: top-k class names and probabilities"),
+    "export": ("rectrain.export", "export a checkpoint's weights: torchvision state dict, TorchScript or ONNX"),
 }
 
 
+def did_you_mean(word: str, candidates) -> str:
+    """' (did you mean X?)' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` once: not when the help already states its default, not for switches
+    (their help says "on/off by default") and not for ``None`` (the help says what happens instead)."""
+
+    _STATES_DEFAULT = re.compile(r"\(default\b|by default\)")
+
+    def __init__(self, prog: str, **kw):
+        super().__init__(prog, max_help_position=32, **kw)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or self._STATES_DEFAULT.search(text)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # help strings are %-formatted by argparse
+
+
+class ArgParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that names the fix, with exit status 2.
+
+    ``parse_known_args`` rejects leftovers too: argparse hands a subcommand's unknown flags up to
+    the top-level parser, which could only suggest its own flags and would name the wrong command.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unknown(extras))
+        return namespace, extras
+
+    def _unknown(self, extras: list[str]) -> str:
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        if not flags:
+            return f"unexpected argument(s): {' '.join(extras)}"
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        named = ", ".join(f + did_you_mean(f, known) for f in flags)
+        return f"unknown flag{'s' if len(flags) > 1 else ''} {named}"
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())  # one line, whatever argparse composed
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rectrain",
+    parser = ArgParser(
+        prog="rectrain", formatter_class=HelpFormatter,
         description="Fast ResNet training on image folders with aspect-ratio bucketed rectangular batches.",
     )
     parser.add_argument("--version", action="version", version=f"rectrain {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:  # only the chosen command pays for its imports
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (also for --help and argument errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        if command is not None and command not in COMMANDS:
+            parser.error(f"unknown command {command!r}{did_you_mean(command, COMMANDS)}; "
+                         f"the commands are {', '.join(COMMANDS)}")
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or an argument error, already printed as one line
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -2,8 +2,10 @@
 
 Every field is a command-line flag of `rectrain train` / `python train_g4.dn_12xlarge.py` and a key of
 an optional config file (`--config run.toml|.yaml|.json`); flags given on the command line override the
-file. Unknown keys in a file are an error, so a typo never silently does nothing. The resolved config
-is saved as `config.json` in the run folder and inside every checkpoint.
+file. A file key is either the flag without its dashes (`batch_size = 512`, `no_mixup = true`,
+`cutout = true`) or the field name (`use_mixup = false`, as in a run's config.json). Unknown keys, values
+of the wrong type and bad values are errors of one line, so a typo never silently does nothing. The
+resolved config is saved as `config.json` in the run folder and inside every checkpoint.
 """
 
 from __future__ import annotations
@@ -11,82 +13,111 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 
 from rectrain.augment import AugmentationConfig
-from rectrain.buckets import RECT_MODES
+from rectrain.buckets import MULTIPLE, RECT_MODES
+from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.errors import UserError
 from rectrain.model import ARCHS
 
+# Help sections of `rectrain train --help`, in this order; every field names one in its metadata.
+DATA, MODEL, OPTIM, AUG, SPEED, DIST, LOGS = GROUPS = (
+    "data", "model", "optimisation", "augmentation", "precision and speed", "distributed",
+    "checkpoints and logging")
 
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+
+def _f(group: str, default, help: str, **kw):
+    """A field's default and metadata: help text, help group, and optionally flag/invert/choices.
+
+    Switches (bool fields) describe the feature in ``help``; the flag's help then reads "turn off
+    <help> (on by default)" for a ``--no_*`` flag and "turn on <help> (off by default)" otherwise.
+    ``invert=True``: the flag stores False (``--no_mixup`` sets ``use_mixup``), so does its file key.
+    """
+    assert group in GROUPS, group
+    return field(default=default, metadata={"group": group, "help": help, **kw})
 
 
 @dataclass
 class TrainConfig:
-    # --- data & model (seed) ---
-    data_dir: str = _f("/mnt/data/imagenet", "dataset root holding train/<class>/* and val/<class>/*")
-    batch_size: int = _f(256, "batch size per GPU (per process); the global batch is this x world size")
-    target_size: int = _f(224, "shorter side of the crops (short_side mode) or sqrt of their area (area mode); multiple of 32")
-    workers: int = _f(8, "DataLoader worker processes per GPU; capped to the CPU cores available")
-    # --- optimisation (seed) ---
-    epochs: int = _f(90, "total training epochs")
-    lr: float = _f(0.1, "peak learning rate for the GLOBAL batch (linear-scaling rule: 0.1 x global/256)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "L2 weight decay (not applied to BatchNorm parameters or biases)")
-    no_amp: bool = _f(False, "disable mixed precision (train in fp32)", flag="--no_amp")
-    seed: int = _f(42, "random seed: data order, crops, augmentations, initial weights")
-    dist_port: str = _f("12355", "master port of the built-in multi-GPU launcher")
-    # --- logging & checkpointing (seed) ---
-    output: str = _f("./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
-    run_name: str = _f("resnet50_rect", "subfolder of --output for this run")
-    resume: str | None = _f(None, "checkpoint to resume from, or 'auto' for the newest good one of this run")
-    print_freq: int = _f(50, "log a line every N batches (scalars are read from the device only then)")
-    # --- additions ---
-    arch: str = _f("resnet50", "model architecture", choices=sorted(ARCHS))
-    width: int = _f(64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
-    amp_dtype: str = _f("bf16", "mixed-precision dtype: bf16 (no loss scaling needed, same range as fp32; "
-                                "the default on Ampere and newer) or fp16 (with a GradScaler; for older GPUs)",
-                        choices=["bf16", "fp16"])
-    label_smoothing: float = _f(0.1, "label smoothing, composed with MixUp/CutMix targets")
-    warmup_epochs: float | None = _f(None, "linear learning-rate warm-up, in epochs, before the cosine decay "
-                                         "(default: 5, or a tenth of --epochs when that is shorter)")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
-    nesterov: bool = _f(False, "use Nesterov momentum")
-    rect_mode: str = _f("short_side", "bucket shapes: short_side (shorter side = target_size, as the seed) "
-                                      "or area (H*W ~ target_size^2: the compute of square crops)",
+    """Every setting of a training run; fields = flags (the seed's names and defaults, then additions).
+
+    Config-file keys: a field name (``use_mixup = false``) or its flag without dashes where that
+    differs (``no_mixup = true``, ``cutout = true``, ``no_channels_last = true``); giving one setting
+    both ways with contradicting values is an error. ``to_dict()`` uses the field names and
+    ``from_dict`` reads either spelling, so ``config.json`` of a run is itself a valid config file.
+    """
+
+    # --- data ---
+    data_dir: str = _f(DATA, "/mnt/data/imagenet", "dataset root holding train/<class>/* and val/<class>/*")
+    batch_size: int = _f(DATA, 256, "batch size per GPU (per process); the global batch is this x world size")
+    target_size: int = _f(DATA, 224, "shorter side of the crops (short_side mode) or sqrt of their area "
+                                     "(area mode), in pixels; a multiple of 32")
+    workers: int = _f(DATA, 8, "DataLoader worker processes per GPU; capped to the CPU cores available")
+    rect_mode: str = _f(DATA, "short_side", "bucket shapes: short_side (shorter side = target_size, as the "
+                                            "seed) or area (H*W ~ target_size^2: the compute of square crops)",
                         choices=list(RECT_MODES))
-    max_ratio: float = _f(2.0, "widest aspect ratio kept (2.0 = 1:2 .. 2:1); wider images are cropped to it")
-    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random-resized-crop area range, as a fraction of the "
-                                                      "largest crop of the bucket's ratio (Inception/torchvision default)")
-    decoder: str = _f("auto", "JPEG decoder in the workers: auto (OpenCV when installed, else Pillow), opencv or pil",
-                      choices=["auto", "opencv", "pil"])
-    val_every: int = _f(1, "validate every N epochs (and always after the last)")
-    val_batch_size: int | None = _f(None, "validation batch size per GPU (default: --batch_size)")
-    keep_checkpoints: int = _f(0, "keep only the newest K checkpoint_epoch_*.pth files (0: keep all, as the seed)")
-    device: str = _f("auto", "cuda, cpu or auto (cuda when available)")
-    nproc: int | None = _f(None, "processes for the built-in launcher (default: every visible GPU; 1 on CPU)")
-    dist_timeout: float = _f(1800.0, "seconds before a stuck collective (or rendezvous) fails instead of hanging")
-    channels_last: bool = _f(True, "channels_last memory format on CUDA", flag="--no_channels_last", invert=True)
-    compile: bool = _f(False, "torch.compile the model (a few minutes of compile time; faster steps)")
-    max_decode_failures: int = _f(100, "stop the run when more images than this fail to decode")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps in total (smoke tests, benchmarks)")
-    deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume; slower on GPU)")
-    # --- batch augmentations (seed's AugmentationConfig) ---
-    use_mixup: bool = _f(True, "MixUp", flag="--no_mixup", invert=True)
-    mixup_alpha: float = _f(0.2, "MixUp Beta(alpha, alpha)")
-    use_cutmix: bool = _f(True, "CutMix", flag="--no_cutmix", invert=True)
-    cutmix_alpha: float = _f(1.0, "CutMix Beta(alpha, alpha)")
-    use_cutout: bool = _f(False, "Cutout (square holes)", flag="--cutout")
-    cutout_n_holes: int = _f(1, "Cutout holes per image")
-    cutout_length: int = _f(8, "Cutout hole side in pixels")
-    cutout_prob: float = _f(0.5, "probability that an image gets Cutout")
-    use_random_erasing: bool = _f(True, "Random Erasing", flag="--no_random_erasing", invert=True)
-    random_erasing_prob: float = _f(0.25, "probability that an image gets Random Erasing")
-    random_erasing_scale: tuple[float, float] = _f((0.02, 0.33), "erased area range (fraction of the image)")
-    batch_aug_prob: float = _f(0.5, "probability that a batch gets MixUp or CutMix")
+    max_ratio: float = _f(DATA, 2.0, "widest aspect ratio kept (2.0 = 1:2 .. 2:1); wider images are cropped to it")
+    crop_scale: tuple[float, float] = _f(DATA, (0.08, 1.0), "random-resized-crop area range, as a fraction of the "
+                                         "largest crop of the bucket's ratio (Inception's and torchvision's range)")
+    decoder: str = _f(DATA, "auto", "JPEG decoder in the workers: auto (OpenCV when installed, else Pillow), "
+                                    "opencv or pil", choices=["auto", "opencv", "pil"])
+    val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
+    max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
+    # --- model ---
+    arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCHS))
+    width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
+    # --- optimisation ---
+    epochs: int = _f(OPTIM, 90, "total training epochs")
+    lr: float = _f(OPTIM, 0.1, "peak learning rate for the GLOBAL batch (linear-scaling rule: 0.1 x global/256)")
+    momentum: float = _f(OPTIM, 0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = _f(OPTIM, 1e-4, "L2 weight decay (not applied to BatchNorm parameters or biases)")
+    seed: int = _f(OPTIM, 42, "random seed (>= 0): data order, crops, augmentations, initial weights")
+    label_smoothing: float = _f(OPTIM, 0.1, "label smoothing in [0, 1), composed with MixUp/CutMix targets")
+    warmup_epochs: float | None = _f(OPTIM, None, "linear learning-rate warm-up, in epochs, before the cosine "
+                                                  "decay (default: 5, or a tenth of --epochs when that is shorter)")
+    min_lr: float = _f(OPTIM, 0.0, "learning rate at the end of the cosine decay")
+    nesterov: bool = _f(OPTIM, False, "Nesterov momentum")
+    max_steps: int | None = _f(OPTIM, None, "stop after this many optimizer steps in total (smoke tests, benchmarks)")
+    # --- batch augmentations (the seed's AugmentationConfig) ---
+    use_mixup: bool = _f(AUG, True, "MixUp", flag="--no_mixup", invert=True)
+    mixup_alpha: float = _f(AUG, 0.2, "MixUp Beta(alpha, alpha)")
+    use_cutmix: bool = _f(AUG, True, "CutMix", flag="--no_cutmix", invert=True)
+    cutmix_alpha: float = _f(AUG, 1.0, "CutMix Beta(alpha, alpha)")
+    use_cutout: bool = _f(AUG, False, "Cutout (square holes)", flag="--cutout")
+    cutout_n_holes: int = _f(AUG, 1, "Cutout holes per image")
+    cutout_length: int = _f(AUG, 8, "Cutout hole side in pixels")
+    cutout_prob: float = _f(AUG, 0.5, "probability that an image gets Cutout")
+    use_random_erasing: bool = _f(AUG, True, "Random Erasing", flag="--no_random_erasing", invert=True)
+    random_erasing_prob: float = _f(AUG, 0.25, "probability that an image gets Random Erasing")
+    random_erasing_scale: tuple[float, float] = _f(AUG, (0.02, 0.33), "erased area range (fraction of the image)")
+    batch_aug_prob: float = _f(AUG, 0.5, "probability that a batch gets MixUp or CutMix")
+    # --- precision and speed ---
+    no_amp: bool = _f(SPEED, False, "mixed precision on CUDA (see --amp_dtype; CPU runs are fp32)")
+    amp_dtype: str = _f(SPEED, "bf16", "mixed-precision dtype: bf16 (no loss scaling needed, same range as "
+                                       "fp32; for Ampere and newer) or fp16 (with a GradScaler; for older GPUs)",
+                        choices=["bf16", "fp16"])
+    channels_last: bool = _f(SPEED, True, "the channels_last memory format on CUDA", flag="--no_channels_last",
+                             invert=True)
+    compile: bool = _f(SPEED, False, "torch.compile of the model (a few minutes of compile time; faster steps)")
+    deterministic: bool = _f(SPEED, False, "deterministic algorithms (bit-exact resume; slower on GPU)")
+    # --- distributed ---
+    device: str = _f(DIST, "auto", "cuda, cuda:N, cpu or auto (cuda when available)")
+    nproc: int | None = _f(DIST, None, "processes for the built-in launcher (default: every visible GPU; 1 on CPU)")
+    dist_port: str = _f(DIST, "12355", "master port of the built-in multi-GPU launcher")
+    dist_timeout: float = _f(DIST, 1800.0, "seconds before a stuck collective (or rendezvous) fails instead of hanging")
+    # --- checkpoints and logging ---
+    output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
+    run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")
+    resume: str | None = _f(LOGS, None, "checkpoint to resume from, or 'auto' for the newest good one of this run")
+    keep_checkpoints: int = _f(LOGS, 0, "keep only the newest K checkpoint_epoch_*.pth files (0: keep all, "
+                                        "as the seed)")
+    val_every: int = _f(LOGS, 1, "validate every N epochs (and always after the last)")
+    print_freq: int = _f(LOGS, 50, "log a line every N batches (scalars are read from the device only then)")
+    progress: str = _f(LOGS, "auto", "progress bar: auto (a tqdm bar only when stderr is a terminal; otherwise "
+                                     "the periodic log lines only), on or off", choices=["auto", "on", "off"])
 
     @property
     def warmup(self) -> float:
@@ -98,44 +129,20 @@ class TrainConfig:
         return AugmentationConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
     def to_dict(self) -> dict:
+        """Field names -> plain JSON values (tuples become lists)."""
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown config key(s): {', '.join(unknown)}; see `rectrain train --help` for the names")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flag spellings of a config file (not validated)."""
+        return cls(**settings_from_mapping(d, source))
 
     def validate(self) -> "TrainConfig":
-        """Check values and combinations; raise UserError naming the flag and the fix."""
-        positive = ["batch_size", "target_size", "epochs", "print_freq", "val_every", "width"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
-        if self.target_size < 32:
-            raise UserError(f"--target_size must be at least 32 (got {self.target_size})")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive (got {self.lr})")
-        if self.workers < 0 or self.keep_checkpoints < 0 or self.max_decode_failures < 0:
-            raise UserError("--workers, --keep_checkpoints and --max_decode_failures cannot be negative")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label_smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
-            raise UserError(f"--warmup_epochs must be between 0 and --epochs={self.epochs} (got {self.warmup_epochs})")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise UserError(f"--crop_scale must be two numbers 0 < min <= max <= 1 (got {self.crop_scale})")
-        if self.max_ratio < 1:
-            raise UserError(f"--max_ratio must be >= 1, e.g. 2.0 for 1:2 .. 2:1 (got {self.max_ratio})")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.nproc is not None and self.nproc < 1:
-            raise UserError(f"--nproc must be at least 1 (got {self.nproc})")
-        if not self.dist_port.isdigit() or not 0 < int(self.dist_port) < 65536:
-            raise UserError(f"--dist_port must be a TCP port number (got {self.dist_port!r})")
+        """Check every value and the combinations; raise UserError naming the flag and the fix."""
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        _check_combinations(self)
         try:
             self.augmentation()
         except ValueError as e:
@@ -144,73 +151,238 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line and config files
+# Validation: one rule per field (None of an optional field means "derived" and is always fine)
+
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "positive")
+_NOT_EMPTY = (lambda v: v != "", "a non-empty string")
+_PORT = (lambda v: v.isdigit() and 0 < int(v) < 65536, "a TCP port number, 1-65535")
+_DEVICE = (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+           "auto, cpu, cuda or cuda:N")
+_FRACTION_PAIR = (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers MIN MAX with 0 < MIN <= MAX <= 1")
+
+# Fields without a rule: the booleans, choices (checked from the metadata), resume (checked by train's
+# preflight) and the augmentation fields (AugmentationConfig checks them).
+RULES: dict[str, tuple] = {
+    "data_dir": _NOT_EMPTY, "batch_size": _AT_LEAST_1, "workers": _NOT_NEGATIVE,
+    "max_ratio": (lambda v: v >= 1, "at least 1, e.g. 2.0 for 1:2 .. 2:1"), "crop_scale": _FRACTION_PAIR,
+    "val_batch_size": _AT_LEAST_1, "max_decode_failures": _NOT_NEGATIVE, "width": _AT_LEAST_1,
+    "epochs": _AT_LEAST_1, "lr": _POSITIVE, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": _NOT_NEGATIVE, "seed": _NOT_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "min_lr": _NOT_NEGATIVE, "max_steps": _AT_LEAST_1, "device": _DEVICE, "nproc": _AT_LEAST_1,
+    "dist_port": _PORT, "dist_timeout": _POSITIVE, "output": _NOT_EMPTY, "run_name": _NOT_EMPTY,
+    "keep_checkpoints": _NOT_NEGATIVE, "val_every": _AT_LEAST_1, "print_freq": _AT_LEAST_1,
+}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of settings (keys = flag names "
-                                                         "without dashes); flags on the command line override it")
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f"--{f.name}")
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    if value is None:
+        return
+    flag = flag_of(f)
+    numbers = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise UserError(f"{flag} must be a finite number (got {value})")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{flag} {value!r} is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}")
+    if f.name in RULES:
+        ok, requirement = RULES[f.name]
+        if not ok(value):
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+            raise UserError(f"{flag} must be {requirement} (got {shown})")
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    t = cfg.target_size
+    if t < MULTIPLE:
+        raise UserError(f"--target_size must be at least {MULTIPLE} (got {t})")
+    if t % MULTIPLE:  # every bucket side is a multiple of the network's stride; no silent rounding
+        low = t // MULTIPLE * MULTIPLE
+        raise UserError(f"--target_size must be a multiple of {MULTIPLE}, the network's stride (got {t}): "
+                        f"use {low} or {low + MULTIPLE}")
+    if cfg.warmup_epochs is not None and not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise UserError(f"--warmup_epochs must be between 0 and --epochs={cfg.epochs} (got {cfg.warmup_epochs})")
+    if cfg.min_lr > cfg.lr:
+        raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}: the cosine decay ends at --min_lr; "
+                        "lower it (0 is usual)")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("--nesterov needs a momentum: set --momentum (e.g. 0.9) or drop --nesterov")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: keys (flag or field spelling) -> typed field values
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """('bool' | 'int' | 'float' | 'str' | 'pair', optional?) from the annotation (a string here)."""
+    t = str(f.type)
+    base = t.replace("| None", "").strip()
+    return ("pair" if base.startswith("tuple") else base), "None" in t
+
+
+def _as_bool(v):
+    if isinstance(v, bool):
+        return v
+    raise TypeError
+
+
+def _as_int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise TypeError
+    return int(v)  # a string is read as on the command line
+
+
+def _as_float(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError
+    return float(v)  # strings too: YAML reads 1e-4 as a string
+
+
+def _as_str(v):
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise TypeError
+    return str(v)  # dist_port = 12355 is written as a number in TOML
+
+
+def _as_pair(v):
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise TypeError
+    return tuple(_as_float(x) for x in v)
+
+
+# kind -> (converter, what the value should be)
+_CONVERTERS = {"bool": (_as_bool, "true or false"), "int": (_as_int, "a whole number"),
+               "float": (_as_float, "a number"), "str": (_as_str, "a string"),
+               "pair": (_as_pair, "a list of two numbers, e.g. [0.08, 1.0]")}
+
+
+def _convert(f: dataclasses.Field, key: str, value, source: str):
+    kind, optional = _kind(f)
+    if value is None and optional:
+        return None
+    convert, expected = _CONVERTERS[kind]
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        expected += " or null" if optional else ""
+        shown = json.dumps(value, default=str)
+        raise UserError(f"{source}: {key} = {shown} must be {expected}") from None
+
+
+def config_keys() -> dict[str, tuple[str, bool]]:
+    """Accepted config-file key -> (field name, inverted?): every field name, and every flag without dashes."""
+    keys = {}
     for f in fields(TrainConfig):
-        meta = f.metadata
-        flag = meta.get("flag", f"--{f.name}")
-        if f.type in ("bool", bool):
-            action = "store_false" if meta.get("invert") else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, default=f.default, help=meta["help"])
-            continue
-        kw = {"default": f.default, "help": meta["help"]}
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        if "tuple" in str(f.type):
-            kw.update(nargs=2, type=float, metavar=("MIN", "MAX"))
-        elif "int" in str(f.type):
-            kw["type"] = int
-        elif "float" in str(f.type):
-            kw["type"] = float
-        parser.add_argument(flag, dest=f.name, **kw)
+        keys[f.name] = (f.name, False)
+        keys[flag_of(f)[2:]] = (f.name, bool(f.metadata.get("invert")))
+    return keys
+
+
+def settings_from_mapping(data: dict, source: str) -> dict:
+    """Config-file mapping -> {field name: value of the field's type}; one UserError per mistake."""
+    keys, by_name = config_keys(), {f.name: f for f in fields(TrainConfig)}
+    out, spelled = {}, {}
+    for key, value in data.items():
+        if key == "config":
+            raise UserError(f"{source}: a config file cannot name another config file (key 'config')")
+        if key not in keys:
+            raise UserError(f"{source}: unknown key {key!r}{did_you_mean(str(key), keys)}; "
+                            "the keys are the flag names of `rectrain train --help` without the dashes")
+        name, inverted = keys[key]
+        value = _convert(by_name[name], key, value, source)
+        value = (not value) if inverted else value
+        if name in out and out[name] != value:
+            raise UserError(f"{source}: {spelled[name]} and {key} contradict each other (both set {name}); keep one")
+        out[name], spelled[name] = value, key
+    return out
 
 
 def load_config_file(path: str) -> dict:
+    """Read a .toml, .yaml/.yml or .json file -> {field name: typed value}."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".json":
-            with open(path) as fh:
-                data = json.load(fh)
-        elif ext == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                try:
-                    import tomli as tomllib
-                except ModuleNotFoundError:
-                    raise UserError("reading TOML on Python 3.10 needs `pip install tomli`; or use a .json file") from None
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        elif ext in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ModuleNotFoundError:
-                raise UserError("reading YAML needs `pip install pyyaml`; or use a .toml or .json file") from None
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-        else:
-            raise UserError(f"config file {path}: use a .toml, .yaml/.yml or .json extension")
-    except UserError:
-        raise
-    except Exception as e:  # a syntax error in the user's file
-        raise UserError(f"cannot parse config file {path}: {e}") from None
+    data = _read_mapping(path)
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of setting names to values")
-    data.pop("config", None)
-    TrainConfig.from_dict({k: v for k, v in data.items()})  # rejects unknown keys early, with names
-    return data
+    return settings_from_mapping(data, f"config file {path}")
+
+
+def _read_mapping(path: str):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".toml", ".yaml", ".yml"):
+        raise UserError(f"config file {path}: use a .toml, .yaml/.yml or .json extension")
+    if ext == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise UserError("reading TOML on Python 3.10 needs `pip install tomli`; or use a .json file") from None
+    elif ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise UserError("reading YAML needs `pip install pyyaml`; or use a .toml or .json file") from None
+    try:
+        if ext == ".toml":
+            with open(path, "rb") as fh:
+                return tomllib.load(fh)
+        with open(path) as fh:
+            return json.load(fh) if ext == ".json" else (yaml.safe_load(fh) or {})
+    except Exception as e:  # a syntax error in the user's file
+        raise UserError(f"cannot parse config file {path}: {' '.join(str(e).split())}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _switch_help(f: dataclasses.Field) -> str:
+    if flag_of(f).startswith("--no_"):
+        return f"turn off {f.metadata['help']} (on by default)"
+    return f"turn on {f.metadata['help']} (off by default)"
+
+
+def _add_flag(group, f: dataclasses.Field) -> None:
+    kind, _ = _kind(f)
+    flag, meta = flag_of(f), f.metadata
+    if kind == "bool":
+        action = "store_false" if meta.get("invert") else "store_true"
+        group.add_argument(flag, dest=f.name, action=action, default=f.default, help=_switch_help(f))
+        return
+    kw = {"default": f.default, "help": meta["help"]}
+    if "choices" in meta:
+        kw["choices"] = meta["choices"]
+    if kind == "pair":
+        kw.update(nargs=2, type=float, metavar=("MIN", "MAX"))
+    elif kind in ("int", "float"):
+        kw.update(type=int if kind == "int" else float, metavar="N" if kind == "int" else "X")
+    else:
+        kw["metavar"] = f.name.upper() if "choices" not in meta else None
+    group.add_argument(flag, dest=f.name, **kw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train flags, in help sections; ``--config`` first."""
+    parser.usage = "%(prog)s [--config FILE] [--FLAG VALUE ...] [--SWITCH ...]"
+    parser.add_argument("--config", metavar="FILE", help=(
+        "TOML, YAML or JSON file of settings. Keys are the flags without the dashes (batch_size = 512, "
+        "no_mixup = true, cutout = true) or the field names of a run's config.json (use_mixup = false); "
+        "one setting given both ways must agree. Flags on the command line override the file"))
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in fields(TrainConfig):
+        _add_flag(groups[f.metadata["group"]], f)
 
 
 def build_parser(prog: str = "rectrain train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a ResNet on an image folder with rectangular, "
-                                     "aspect-ratio bucketed batches.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgParser(prog=prog, formatter_class=HelpFormatter,
+                       description="Train a ResNet on an image folder with rectangular, aspect-ratio bucketed batches.")
     add_arguments(parser)
     return parser
 
@@ -220,8 +392,7 @@ def resolve_config(argv: list[str], prog: str = "rectrain train") -> TrainConfig
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.config:
-        file_values = load_config_file(args.config)
-        parser.set_defaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in file_values.items()})
+        parser.set_defaults(**load_config_file(args.config))  # typed values: argparse converts only strings
         args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

@@ -1,3 +1,5 @@
+"""TrainConfig: the seed's flags and defaults, config files (either key spelling), validation, round trips."""
+
 import json
 
 import pytest
@@ -11,6 +13,19 @@ SEED_DEFAULTS = {
     "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "no_amp": False, "seed": 42, "dist_port": "12355",
     "output": "./runs_rect_ddp", "run_name": "resnet50_rect", "resume": None, "print_freq": 50,
 }
+
+# Every switch set away from its default, plus a tuple and an Optional: what a round trip must keep.
+NON_DEFAULT_SWITCHES = ["--no_mixup", "--no_cutmix", "--cutout", "--no_random_erasing", "--no_channels_last",
+                        "--no_amp", "--nesterov", "--compile", "--deterministic"]
+
+
+def write_config(path, values: dict) -> str:
+    """A .json or .toml file of ``values`` (TOML has no null: None values are left out)."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None))
+    return str(path)
 
 
 def test_seed_flags_parse_with_seed_defaults():
@@ -36,29 +51,161 @@ def test_augmentation_flags_reach_the_augmentation_config():
     assert resolve_config([]).augmentation() == type(aug)()  # defaults are the seed's AugmentationConfig
 
 
+def test_progress_defaults_to_auto_and_takes_on_or_off():
+    assert resolve_config([]).progress == "auto"
+    assert resolve_config(["--progress", "off"]).progress == "off"
+
+
+# --- config files -------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("ext", ["toml", "json"])
 def test_config_file_sets_values_and_flags_override_it(tmp_path, ext):
-    path = tmp_path / f"run.{ext}"
-    if ext == "toml":
-        path.write_text('epochs = 7\nlr = 0.05\nuse_cutmix = false\nrandom_erasing_scale = [0.1, 0.2]\n')
-    else:
-        path.write_text(json.dumps({"epochs": 7, "lr": 0.05, "use_cutmix": False, "random_erasing_scale": [0.1, 0.2]}))
-    cfg = resolve_config(["--config", str(path), "--lr", "0.2"])
+    path = write_config(tmp_path / f"run.{ext}", {"epochs": 7, "lr": 0.05, "use_cutmix": False,
+                                                  "random_erasing_scale": [0.1, 0.2]})
+    cfg = resolve_config(["--config", path, "--lr", "0.2"])
     assert cfg.epochs == 7 and cfg.lr == 0.2 and cfg.use_cutmix is False
     assert cfg.random_erasing_scale == (0.1, 0.2)
 
 
+@pytest.mark.parametrize("ext", ["toml", "json"])
+def test_config_file_accepts_the_flag_spellings_of_switches(tmp_path, ext):
+    path = write_config(tmp_path / f"run.{ext}", {"no_mixup": True, "cutout": True, "no_channels_last": True,
+                                                  "no_amp": True, "no_random_erasing": False})
+    cfg = resolve_config(["--config", path])
+    assert (cfg.use_mixup, cfg.use_cutout, cfg.channels_last, cfg.no_amp) == (False, True, False, True)
+    assert cfg.use_random_erasing is True  # no_random_erasing = false: left on
+
+
+def test_config_file_key_given_both_ways_with_the_same_meaning_is_accepted(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"no_mixup": True, "use_mixup": False})
+    assert resolve_config(["--config", path]).use_mixup is False
+
+
+def test_config_file_key_given_both_ways_with_contradicting_values_is_an_error(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"no_mixup": True, "use_mixup": True})
+    with pytest.raises(UserError, match="no_mixup and use_mixup contradict"):
+        resolve_config(["--config", path])
+
+
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps({"epochs": 3, "learning_rate": 0.1}))
+    path = write_config(tmp_path / "run.json", {"epochs": 3, "learning_rate": 0.1})
     with pytest.raises(UserError, match="learning_rate"):
-        resolve_config(["--config", str(path)])
+        resolve_config(["--config", path])
+
+
+def test_unknown_config_key_suggests_the_closest_name(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"batchsize": 3})
+    with pytest.raises(UserError, match=r"unknown key 'batchsize' \(did you mean batch_size\?\)"):
+        resolve_config(["--config", path])
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("epochs", "abc", "a whole number"),
+    ("epochs", 2.5, "a whole number"),
+    ("use_cutmix", "false", "true or false"),
+    ("lr", [0.1], "a number"),
+    ("crop_scale", [0.5], "a list of two numbers"),
+    ("val_batch_size", "many", "a whole number or null"),
+])
+def test_wrong_type_in_config_file_names_key_value_and_expected_type(tmp_path, key, value, expected):
+    path = write_config(tmp_path / "run.json", {key: value})
+    with pytest.raises(UserError) as e:
+        resolve_config(["--config", path])
+    assert f"{key} = {json.dumps(value)} must be {expected}" in str(e.value)
+
+
+def test_numbers_written_as_strings_in_a_config_file_are_read_like_flags(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a TOML port is naturally an integer
+    path = write_config(tmp_path / "run.toml", {"weight_decay": "1e-4", "batch_size": "64", "dist_port": 12000})
+    cfg = resolve_config(["--config", path])
+    assert (cfg.weight_decay, cfg.batch_size, cfg.dist_port) == (1e-4, 64, "12000")
+
+
+def test_config_file_value_outside_the_choices_is_refused_with_a_suggestion(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"arch": "resnet5"})
+    with pytest.raises(UserError, match=r"--arch 'resnet5' is not one of .*\(did you mean resnet50\?\)"):
+        resolve_config(["--config", path])
+
+
+def test_config_file_cannot_name_another_config_file(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"config": "other.toml"})
+    with pytest.raises(UserError, match="cannot name another config file"):
+        resolve_config(["--config", path])
+
+
+# --- round trips ----------------------------------------------------------------------------------
 
 
 def test_config_round_trips_through_dict():
-    cfg = resolve_config(["--epochs", "3", "--crop_scale", "0.35", "1"])
+    cfg = resolve_config(["--epochs", "3", "--crop_scale", "0.35", "1", *NON_DEFAULT_SWITCHES])
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+@pytest.mark.parametrize("ext", ["toml", "json"])
+def test_to_dict_written_as_a_config_file_gives_the_same_config(tmp_path, ext):
+    cfg = resolve_config(["--epochs", "3", "--val_batch_size", "16", "--crop_scale", "0.35", "1",
+                          "--progress", "off", *NON_DEFAULT_SWITCHES])
+    path = write_config(tmp_path / f"run.{ext}", cfg.to_dict())
+    assert resolve_config(["--config", path]) == cfg
+
+
+def test_from_dict_of_an_older_config_without_progress_uses_the_default():
+    d = resolve_config([]).to_dict()
+    del d["progress"]
+    assert TrainConfig.from_dict(d).progress == "auto"
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--width", "0"], "--width must be at least 1"),
+    (["--target_size", "16"], "--target_size must be at least 32"),
+    (["--val_batch_size", "0"], "--val_batch_size must be at least 1"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--max_decode_failures", "-1"], "--max_decode_failures must be 0 or more"),
+    (["--max_steps", "0"], "--max_steps must be at least 1"),
+    (["--nproc", "0"], "--nproc must be at least 1"),
+    (["--print_freq", "0"], "--print_freq must be at least 1"),
+    (["--val_every", "0"], "--val_every must be at least 1"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--max_ratio", "inf"], "--max_ratio must be a finite number"),
+    (["--max_ratio", "0.5"], "--max_ratio must be at least 1"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be 0 or more"),
+    (["--label_smoothing", "1"], "--label_smoothing must be in [0, 1)"),
+    (["--min_lr", "0.5", "--lr", "0.1"], "--min_lr 0.5 is above --lr 0.1"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
+    (["--dist_timeout", "0"], "--dist_timeout must be positive"),
+    (["--dist_port", "70000"], "--dist_port must be a TCP port number"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--run_name", ""], "--run_name must be a non-empty string"),
+    (["--crop_scale", "0.5", "0.1"], "--crop_scale must be two numbers"),
+    (["--mixup_alpha", "-1"], "mixup_alpha"),
+    (["--warmup_epochs", "10", "--epochs", "5"], "--warmup_epochs must be between 0 and --epochs=5"),
+])
+def test_each_bad_value_is_refused_naming_its_flag(argv, words):
+    with pytest.raises(UserError) as e:
+        resolve_config(argv)
+    assert words in str(e.value)
+
+
+def test_target_size_off_the_32_grid_is_refused_with_the_two_nearest_sizes():
+    with pytest.raises(UserError, match="--target_size must be a multiple of 32.*use 96 or 128"):
+        resolve_config(["--target_size", "100"])
+
+
+def test_bad_value_from_a_config_file_is_refused_like_the_flag(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"progress": "sometimes"})
+    with pytest.raises(UserError, match="--progress 'sometimes' is not one of auto, on, off"):
+        resolve_config(["--config", path])
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -77,10 +224,8 @@ def test_bad_flags_give_one_clear_line_and_nonzero_exit(argv, words, capsys, tmp
 
 
 def test_help_lists_seed_flags(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_main(["train", "--help"])
+    assert cli_main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert e.value.code == 0
     for flag in ("--data_dir", "--batch_size", "--no_amp", "--dist_port", "--resume", "--print_freq",
-                 "--amp_dtype", "--no_cutmix", "--keep_checkpoints"):
+                 "--amp_dtype", "--no_cutmix", "--keep_checkpoints", "--progress"):
         assert flag in out
