@@ -198,24 +198,29 @@ def _report_interval(row: dict, state: TrainState, loop: LoopSettings, progress)
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, normalize, autocast, stop: StopFlag | None = None,
-             channels_last: bool = True) -> torch.Tensor | None:
+             channels_last: bool = True, pad_to: int | None = None) -> torch.Tensor | None:
     """Loss, top-1 and top-5 sums over this rank's share of the validation set.
 
     Ranks may hold different numbers of batches, so no collective runs inside the loop: sums stay on
     the device and are all-reduced once at the end (``reduce_eval``). Returns None when a stop signal
-    arrived (the caller agrees on it with the other ranks).
+    arrived (the caller agrees on it with the other ranks). ``pad_to``: a bucket's last, smaller batch is
+    padded with blank images to this size and the padding is ignored, so that each bucket is one batch
+    shape (one compiled graph, one cuDNN plan); in eval mode images do not interact, so results are equal.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=normalize.device)  # loss, correct1, correct5, count
     for images, labels, _failed in guarded(loader):
         if stop is not None and stop.signum:
             return None
+        n = labels.shape[0]
+        if pad_to is not None and n < pad_to:
+            images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
         images, labels = normalize(images, labels)
         if not channels_last:
             images = images.contiguous()
         with autocast():
             logits = model(images)
-        logits = logits.float()
+        logits = logits[:n].float()
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from rectrain.errors import UserError
 from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
 from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
 from rectrain.model import build_model, count_parameters, param_groups
+from rectrain.warmup import batch_shapes, compiled_graphs, warm_up
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -113,6 +115,7 @@ class Trainer:
         self.is_cuda = self.device.type == "cuda"
         self.log = logger.info  # every rank to its file; the primary also to the console
         self.stop = StopFlag()
+        self.graphs_after_warmup, self.warned_recompile = 0, False
 
     # -- set-up ---------------------------------------------------------------------------------
     def _scan(self, split: str, classes=None):
@@ -176,16 +179,56 @@ class Trainer:
                  f"precision {'fp32' if amp_dtype is None else cfg.amp_dtype}, augmentations {self.augment.config}")
 
     def wrap_model(self) -> None:
-        self.train_model = self.model
+        """train_model: DDP (several processes) and compiled (--compile); eval_model: compiled, never DDP (ranks
+        validate different batch counts). Both share the weights of ``self.model``, which checkpoints save."""
+        self.train_model = self.eval_model = self.model
         if self.info.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.is_cuda else None,
                                    gradient_as_bucket_view=True)
         if self.cfg.compile:
             import torch._dynamo
-            # One graph per bucket shape: let dynamo keep them all instead of recompiling.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets) + 8)
+            # One graph per batch shape (training and validation): keep them all instead of recompiling.
+            shapes = len(self.train_shapes) + len(self.val_shapes)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 8)
             self.train_model = torch.compile(self.train_model, dynamic=False)
+            self.eval_model = torch.compile(self.model, dynamic=False)
+
+    def plan_shapes(self) -> None:
+        """Every batch shape of the run. Training: all ranks' (every rank warms the same list, so DDP's collectives
+        match); the sizes depend only on bucket counts, so any epoch tells. Validation: this rank's, padded to
+        full batches on CUDA or with --compile (one shape per bucket, not two)."""
+        cfg, table = self.cfg, self.buckets.shapes
+        train = self.loaders.train_sampler
+        self.train_shapes = batch_shapes(train.global_batches(self.state.epoch), self.loaders.train_set.bucket_ids,
+                                         table)
+        self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or cfg.compile) else None
+        val = self.loaders.val
+        if val is None:
+            self.val_shapes = []
+            return
+        batches = val.batch_sampler
+        if self.val_pad:
+            batches = [[b[0]] * self.val_pad for b in batches]
+        self.val_shapes = batch_shapes([[i for i, _ in b] for b in batches], self.loaders.val_set.bucket_ids, table)
+
+    def warm_up(self) -> float:
+        """Run every shape once before the first epoch (cudnn autotuning, compilation); 0 when there is nothing
+        to gain (CPU without --compile)."""
+        if not (self.is_cuda or self.cfg.compile):
+            return 0.0
+        seconds = warm_up(self.train_model, self.eval_model, self.train_shapes, self.val_shapes,
+                          autocast=self.autocast, channels_last=self.channels_last, device=self.device, log=self.log)
+        self.graphs_after_warmup = compiled_graphs()
+        return seconds
+
+    def check_recompiles(self) -> None:
+        new = compiled_graphs() - self.graphs_after_warmup
+        if self.cfg.compile and new > 0 and not self.warned_recompile:
+            self.warned_recompile = True
+            self.log(f"warning: torch.compile built {new} new graph(s) after the warm-up: a batch shape or input "
+                     "layout that the warm-up did not foresee (each costs a compilation). Please report it with "
+                     "the log.")
 
     def build_step(self) -> TrainStep:
         cfg, spe = self.cfg, self.steps_per_epoch
@@ -211,6 +254,7 @@ class Trainer:
         found = self.checkpointer.find(cfg.resume)
         if found is not None:
             self.checkpointer.restore(*found, self.state)
+        self.plan_shapes()
         self.wrap_model()
         global_batch = cfg.batch_size * info.world_size
         self.log(f"global batch {global_batch} ({info.world_size} process(es) x {cfg.batch_size}); --lr {cfg.lr} "
@@ -223,6 +267,10 @@ class Trainer:
                                  world_size=info.world_size, log=self.log, max_steps=cfg.max_steps)
         self.stop.install()
         try:
+            # Workers start decoding the first batches while the warm-up autotunes and compiles.
+            self.batches = self.loaders.epochs(self.state.epoch, self.state.batch_in_epoch, cfg.epochs)
+            self.warmup_s = self.warm_up()
+            self.pending_warmup_s = self.warmup_s  # reported in the first metrics row of this process
             code = self._epochs(metrics)
         finally:
             self.stop.uninstall()
@@ -236,13 +284,12 @@ class Trainer:
         return code
 
     def _train_epoch(self, epoch: int) -> tuple[dict, int]:
-        sampler = self.loaders.train_sampler
-        sampler.set_epoch(epoch)
-        sampler.load_state_dict({"epoch": epoch, "start_batch": self.state.batch_in_epoch})
+        # self.batches is one loader iterator for the rest of the run: workers prefetch across epochs.
+        this_epoch = itertools.islice(self.batches, self.steps_per_epoch - self.state.batch_in_epoch)
         progress = self._progress(epoch)
         try:
-            return train_one_epoch(self.train_step, self.loaders.train, self.state, self.stop, self.loop,
-                                   self.failures, progress)
+            return train_one_epoch(self.train_step, this_epoch, self.state, self.stop, self.loop, self.failures,
+                                   progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -263,6 +310,7 @@ class Trainer:
                     self.log(f"--max_steps {cfg.max_steps} reached at step {state.step}")
                     save("last", state)
                     return 0
+            self.check_recompiles()
             average_buffers(self.model)  # identical BatchNorm statistics on every rank
             row = self._validate_and_row(epoch, stats)
             if row is None:  # a stop signal during validation: resume will validate this epoch again
@@ -287,12 +335,13 @@ class Trainer:
                "val_loss": None, "val_acc1": None, "val_acc5": None,
                "lr": self.optimizer.param_groups[0]["lr"],
                "images_per_sec": stats.get("images_per_sec"), "data_wait_frac": stats.get("data_wait_frac"),
-               "epoch_time_s": stats.get("epoch_time_s"), "is_best": False}
+               "epoch_time_s": stats.get("epoch_time_s"), "warmup_s": self.pending_warmup_s, "is_best": False}
+        self.pending_warmup_s = None
         due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
         if due and self.loaders.val is not None:
             t = time.perf_counter()
-            sums = evaluate(self.model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
-                            self.channels_last)
+            sums = evaluate(self.eval_model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
+                            self.channels_last, pad_to=self.val_pad)
             if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
                 return None
             res = reduce_eval(sums)
@@ -321,6 +370,7 @@ class Trainer:
             "best_epoch": best["epoch"] if best else None,
             "final_acc1": vals[-1]["val_acc1"] if vals else None, "final_acc5": vals[-1]["val_acc5"] if vals else None,
             "total_time_s": total_s, "mean_images_per_sec": sum(ips) / len(ips) if ips else None,
+            "warmup_s": sum(r.get("warmup_s") or 0.0 for r in rows),
             "world_size": self.info.world_size, "global_batch": self.cfg.batch_size * self.info.world_size,
             "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu",
         }

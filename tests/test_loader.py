@@ -87,3 +87,46 @@ def test_workers_are_capped_to_available_cores():
     assert workers == cores and "capped" in note
     assert cap_workers(1, 1) == (1, None)
     assert cap_workers(64, world_local=cores * 2)[0] == 1
+
+
+def test_epoch_stream_spans_epochs_from_a_mid_epoch_start(data_dir):
+    scan = scan_split(data_dir, "train")
+    loaders = build_loaders(scan, None, make_buckets(32), batch_size=4, val_batch_size=4, workers=0, seed=5,
+                            rank=0, world_size=1)
+    sampler = loaders.train_sampler
+    expected = [(e, b.tolist()) for e in range(3) for b in sampler.rank_batches(e)][2:]
+    loaders.stream.select(0, 2, 3)
+    keys = list(loaders.stream)
+    assert [(k[0][1], [i for i, _ in k]) for k in keys] == expected
+    assert len(loaders.stream) == len(expected)
+    labels = torch.cat([y for _, y, _ in loaders.epochs(0, 2, 3)])
+    assert labels.tolist() == [int(scan.index.labels[i]) for _, b in expected for i in b]
+
+
+def test_worker_batches_are_built_in_shared_memory(data_dir):
+    from rectrain import loader as loader_mod
+
+    def recording_collate(items):
+        images, labels, failed = loader_mod.collate(items)
+        return images, labels, [images.is_shared()]  # evaluated inside the worker
+
+    scan = scan_split(data_dir, "train")
+    loaders = build_loaders(scan, None, make_buckets(32), batch_size=4, val_batch_size=4, workers=1, seed=0,
+                            rank=0, world_size=1)
+    loaders.train.collate_fn = recording_collate
+    flags = [f for _, _, fs in loaders.train for f in fs]
+    assert flags and all(flags)
+
+
+def test_loader_workers_survive_a_sigterm_to_the_process_group(data_dir):
+    """SLURM/systemd signal every process; the main process decides when to stop, not the workers."""
+    import signal
+    scan = scan_split(data_dir, "train")
+    loaders = build_loaders(scan, None, make_buckets(32), batch_size=2, val_batch_size=2, workers=2, seed=0,
+                            rank=0, world_size=1)
+    it = iter(loaders.train)
+    next(it)
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGTERM)
+    rest = list(it)  # raises "DataLoader worker ... killed by signal" if a worker died
+    assert len(rest) == len(loaders.train) - 1

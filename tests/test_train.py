@@ -260,3 +260,30 @@ def test_srun_style_launch_reads_the_slurm_environment(data_dir, tmp_path):
                for r in (0, 1)]
     assert digests[0] and digests[0] == digests[1]
     assert "2 process(es)" in (tmp_path / "s/logs/rank0.log").read_text()
+
+
+def test_compile_warms_every_shape_up_front_and_never_recompiles(data_dir, tmp_path, monkeypatch):
+    """--compile: the warm-up compiles each training and validation shape once; its time is reported apart."""
+    import torch._dynamo
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    assert run(data_dir, tmp_path, "--epochs", "2", "--compile", "--max_ratio", "1.0", name="comp") == 0
+    log = (tmp_path / "comp/logs/rank0.log").read_text()
+    assert re.search(r"warm-up: \d+ training and 1 validation batch shapes", log)
+    assert "new graph" not in log
+    rows = [json.loads(r) for r in (tmp_path / "comp/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["warmup_s"] > 0 and rows[1]["warmup_s"] is None
+    summary = json.loads((tmp_path / "comp/summary.json").read_text())
+    assert summary["warmup_s"] == rows[0]["warmup_s"]
+    assert not any(k.startswith("_orig_mod.") for k in load_ckpt(tmp_path / "comp/checkpoints/last.pth")["model"])
+
+
+def test_a_shape_the_warm_up_missed_is_reported_as_a_recompile(data_dir, tmp_path, monkeypatch):
+    import torch._dynamo
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(train_mod, "batch_shapes", lambda *a: [])  # a warm-up that foresees nothing
+    torch._dynamo.reset()
+    assert run(data_dir, tmp_path, "--epochs", "1", "--compile", "--max_ratio", "1.0", name="miss") == 0
+    assert "new graph(s) after the warm-up" in (tmp_path / "miss/logs/rank0.log").read_text()
