@@ -18,6 +18,7 @@ This is the seed's ``sort_ar`` / ``sorted_idxar_{split}``, made safe and fast:
   written beside the data as ``DATA_DIR/sorted_idxar_{split}.npz`` when that folder is writable,
   otherwise under ``cache_dir`` (the run's folder) or the user cache directory. Writes are atomic.
 
+``cache_status`` tells whether a run would find a fresh cache, without scanning (``rectrain check``).
 Also the ``rectrain scan`` command: counts, bad files, the ratio histogram and the bucket table.
 """
 
@@ -39,8 +40,8 @@ from PIL import Image
 from rectrain.errors import UserError
 from rectrain.index import FileList, ImageIndex, class_names, list_files
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "BadImage", "SplitScan", "read_size", "scan_split",
-           "cache_name", "add_arguments", "run"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "BadImage", "SplitScan", "CacheStatus", "read_size",
+           "scan_split", "cache_status", "cache_name", "add_arguments", "run"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
 FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
@@ -365,6 +366,36 @@ def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, c
     return scan
 
 
+@dataclass
+class CacheStatus:
+    """What a training run would find in the cache, without scanning or writing anything."""
+
+    path: str | None  # the fresh cache; else the first stale one found; None when there is none at all
+    fresh: bool  # True: the run reads the cache; False: the run scans every file first
+    files: int  # image files of the split now (what a scan would read)
+    scan: SplitScan | None  # the cached scan (usable images, sizes, bad files) when fresh
+
+
+def cache_status(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, files: FileList | None = None) -> CacheStatus:
+    """Is there a cache that ``scan_split`` (same arguments) would use? Walks the split, reads no image.
+
+    ``files``: the split's ``list_files`` result when the caller has one (saves a second walk).
+    A layout problem raises ``UserError`` as ``scan_split`` would.
+    """
+    t0 = time.perf_counter()
+    files = list_files(data_dir, split, classes) if files is None else files
+    fp = fingerprint(files, max_pixels)
+    stale = None
+    for path in _cache_candidates(data_dir, split, cache_dir):
+        hit = _load_cache(path, fp, files)
+        if hit is not None:
+            return CacheStatus(path, True, len(files.index), SplitScan(*hit, path, True, time.perf_counter() - t0))
+        if stale is None and os.path.isfile(path):
+            stale = path
+    return CacheStatus(stale, False, len(files.index), None)
+
+
 # -- `rectrain scan` --------------------------------------------------------------------------------
 RATIO_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.97, 1.03, 1.25, 1.43, 1.67, 2.0, float("inf"))  # W/H
 
@@ -374,7 +405,8 @@ def add_arguments(p) -> None:
     p.add_argument("--split", choices=("train", "val", "both"), default=None,
                    help="split to scan (default: both when DATA_DIR/val exists, else train)")
     p.add_argument("--target_size", type=int, default=224, help="bucket size in pixels (see --rect_mode)")
-    p.add_argument("--batch_size", type=int, default=256, help="images per batch, for the batch counts")
+    p.add_argument("--batch_size", type=int, default=256,
+                   help="images per batch per process, as in training: the bucket table shows the batches it gives")
     p.add_argument("--rect_mode", choices=("short_side", "area"), default="short_side",
                    help="short_side: shorter side = target_size; area: H*W ~ target_size^2")
     p.add_argument("--max_ratio", type=float, default=2.0, help="ratios beyond this (either way) are cropped")
@@ -396,15 +428,46 @@ def ratio_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
     return lines
 
 
+def bucket_batches(n: int, batch_size: int) -> list[int]:
+    """Sizes of the training batches a bucket of ``n`` images gives per epoch (one process).
+
+    The training sampler's own rule (``AspectRatioBatchSampler``, drop_last): full batches, the
+    leftover dropped; a bucket without a full batch gives one smaller batch (none for a single image).
+    """
+    from rectrain.samplers import AspectRatioBatchSampler
+    return AspectRatioBatchSampler(np.zeros(n, dtype=np.int64), batch_size).batch_sizes() if n else []
+
+
+def _bucket_note(n: int, sizes: list[int], batch_size: int) -> str:
+    if n == 0:
+        return ""
+    if n == 1:
+        return "(a single image: unused, a batch of one breaks BatchNorm)"
+    if n < batch_size:
+        return f"(fewer images than --batch_size: one smaller batch of {n})"
+    left = n - sum(sizes)
+    return f"({left:,} left over per epoch, different ones each epoch)" if left else ""
+
+
 def bucket_lines(sizes: np.ndarray, buckets, batch_size: int) -> list[str]:
+    """The bucket table: images per bucket and the training batches they give at ``batch_size``."""
     counts = np.bincount(buckets.assign(sizes), minlength=len(buckets))
     lines = [f"  {'shape HxW':>10}  {'W/H':>5}  {'images':>9}  {'batches':>8}"]
-    for k, c in enumerate(counts):
+    n_batches = used = 0
+    for k, c in enumerate(counts.tolist()):
         h, w = buckets.shape(k)
-        lines.append(f"  {f'{h}x{w}':>10}  {w / h:5.2f}  {int(c):>9,}  {int(c) // batch_size:>8,}")
-    full = int((counts // batch_size).sum())
-    lines.append(f"  {'total':>10}  {'':>5}  {int(counts.sum()):>9,}  {full:>8,}  "
-                 f"(full batches of {batch_size}; {int((counts % batch_size).sum()):,} images left over)")
+        plan = bucket_batches(c, batch_size)
+        n_batches += len(plan)
+        used += sum(plan)
+        note = _bucket_note(c, plan, batch_size)
+        lines.append(f"  {f'{h}x{w}':>10}  {w / h:5.2f}  {c:>9,}  {len(plan):>8,}  {note}".rstrip())
+    total = int(counts.sum())
+    lines.append(f"  {'total':>10}  {'':>5}  {total:>9,}  {n_batches:>8,}  (batches of up to {batch_size} per epoch "
+                 f"for one process; {used:,} images used, {total - used:,} left over)")
+    small = [c for c in counts.tolist() if 0 < c < batch_size]
+    if small and len(small) == np.count_nonzero(counts):
+        lines.append(f"  note: every bucket holds fewer images than --batch_size {batch_size} (the largest {max(small):,}), "
+                     f"so each gives one smaller batch; pass the --batch_size you will train with")
     return lines
 
 

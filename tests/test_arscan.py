@@ -265,3 +265,66 @@ def test_cli_scan_missing_dir_exits_2_with_one_line(tmp_path, capsys):
     assert main(["scan", "--data_dir", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope" in err and "does not exist" in err
+
+
+# -- cache_status ---------------------------------------------------------------------------------
+def test_cache_status_is_missing_then_fresh_then_stale(data):
+    st = arscan.cache_status(str(data), "train")
+    assert (st.path, st.fresh, st.files, st.scan) == (None, False, 3, None)
+    scan_split(str(data), "train")
+    st = arscan.cache_status(str(data), "train")
+    assert st.fresh and st.path == str(data / "sorted_idxar_train.npz") and len(st.scan.index) == 3
+    _img(data / "train" / "dog" / "new.jpg", (64, 32))
+    st = arscan.cache_status(str(data), "train")
+    assert not st.fresh and st.path == str(data / "sorted_idxar_train.npz") and st.files == 4
+
+
+def test_cache_status_writes_nothing(data):
+    before = sorted(os.listdir(data))
+    arscan.cache_status(str(data), "train")
+    assert sorted(os.listdir(data)) == before and not os.path.exists(os.environ["XDG_CACHE_HOME"])
+
+
+def test_cache_status_finds_the_cache_of_read_only_data_in_cache_dir(data, tmp_path, monkeypatch):
+    real = arscan._dir_writable
+    monkeypatch.setattr(arscan, "_dir_writable", lambda p: p != str(data) and real(p))
+    path = scan_split(str(data), "train", cache_dir=str(tmp_path / "run")).cache_path
+    st = arscan.cache_status(str(data), "train", cache_dir=str(tmp_path / "run"))
+    assert st.fresh and st.path == path
+
+
+def test_cache_status_carries_the_cached_bad_files(data):
+    _bad_files(data)
+    scan_split(str(data), "train", max_pixels=10_000)
+    st = arscan.cache_status(str(data), "train", max_pixels=10_000)
+    assert st.fresh and len(st.scan.bad) == 6
+    assert not arscan.cache_status(str(data), "train").fresh  # another max_pixels: another scan
+
+
+# -- bucket table ---------------------------------------------------------------------------------
+def test_bucket_batches_follow_the_training_sampler():
+    assert arscan.bucket_batches(10, 4) == [4, 4]  # the leftover 2 are dropped
+    assert arscan.bucket_batches(3, 4) == [3]  # no full batch: one smaller batch
+    assert arscan.bucket_batches(1, 4) == []  # a single image gives no batch
+    assert arscan.bucket_batches(0, 4) == []
+
+
+def test_bucket_table_says_when_a_bucket_holds_fewer_images_than_the_batch():
+    from rectrain.buckets import make_buckets
+    sizes = np.array([[224, 224]] * 5 + [[224, 448]] * 300 + [[448, 224]], dtype=np.int32)
+    lines = arscan.bucket_lines(sizes, make_buckets(224), batch_size=256)
+    row = {line.split()[0]: line for line in lines[1:]}
+    assert row["224x224"].split()[2:4] == ["5", "1"] and "fewer images than --batch_size: one smaller batch of 5" in row["224x224"]
+    assert row["224x448"].split()[2:4] == ["300", "1"] and "44 left over" in row["224x448"]
+    assert row["448x224"].split()[3] == "0" and "a single image: unused" in row["448x224"]
+    assert row["total"].split()[1:3] == ["306", "2"] and "261 images used, 45 left over" in row["total"]
+    assert not any("note:" in line for line in lines)  # one bucket has a full batch
+
+
+def test_cli_scan_on_small_data_explains_the_batch_counts(data, capsys):
+    _img(data / "train" / "dog" / "wide2.jpg", (44, 33))  # a second 4:3 image beside cat/wide.jpg
+    assert main(["scan", "--data_dir", str(data), "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "(fewer images than --batch_size: one smaller batch of 2)" in out
+    assert "(a single image: unused" in out  # tall.png and square.jpg are alone in their buckets
+    assert "note: every bucket holds fewer images than --batch_size 256 (the largest 2)" in out
