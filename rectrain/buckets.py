@@ -77,6 +77,15 @@ class BucketTable:
     def describe(self) -> str:
         return ", ".join(f"{h}x{w}" for h, w in self.shapes)
 
+    def scaled(self, size: int) -> np.ndarray:
+        """(K, 2) shapes of the same buckets at resolution ``size`` instead of ``target_size`` (progressive
+        resolution): each side scaled by size/target_size and rounded to a multiple of 32. Bucket ids stay
+        those of this table, so the sampler's batches do not depend on the resolution."""
+        if size == self.target_size:
+            return self.shapes
+        return np.array([[_round_to(h * size / self.target_size), _round_to(w * size / self.target_size)]
+                         for h, w in self.shapes], dtype=np.int64)
+
 
 def make_buckets(target_size: int = 224, mode: str = "short_side", max_ratio: float = 2.0,
                  per_side: int = 7) -> BucketTable:

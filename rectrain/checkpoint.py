@@ -156,6 +156,7 @@ class Stateful:
     scaler: torch.amp.GradScaler
     augment: object                  # BatchAugment: per-rank generator states
     failures: object                 # DecodeFailurePolicy: the images that failed to decode so far
+    ema: object = None               # ModelEma or None
 
 
 class Checkpointer:
@@ -164,7 +165,8 @@ class Checkpointer:
 
     Schema (format 1): ``format_version``, ``model``, ``optimizer``, ``scaler``, ``step``, ``epoch``,
     ``batch_in_epoch``, ``steps_per_epoch``, ``best_acc1``, ``decode_failures``, ``sampler``, ``rng`` (one
-    entry per rank), ``world_size``, ``classes``, ``arch``, ``config``, ``metrics``.
+    entry per rank), ``world_size``, ``classes``, ``arch``, ``config``, ``metrics``; with --ema_decay also
+    ``model_ema`` (the averaged weights as a plain state dict, like ``model``).
     """
 
     def __init__(self, ckpt_dir: str, parts: Stateful, *, info, config: dict, classes: list[str],
@@ -194,6 +196,7 @@ class Checkpointer:
             "rng": ranks, "world_size": self.info.world_size,
             "classes": list(self.classes), "arch": self.config.get("arch"), "config": self.config,
             "metrics": metrics or {},
+            **({"model_ema": p.ema.module.state_dict()} if p.ema is not None else {}),
         }
 
     def save(self, kind: str, state, metrics: dict | None = None) -> str | None:
@@ -251,6 +254,8 @@ class Checkpointer:
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {path} does not fit --arch {self.config.get('arch')}: "
                                   f"{str(e).splitlines()[0]}") from None
+        if p.ema is not None:  # a checkpoint without EMA (switched on now) starts the average from its weights
+            p.ema.module.load_state_dict(ckpt.get("model_ema", ckpt["model"]))
         p.optimizer.load_state_dict(ckpt["optimizer"])
         p.scaler.load_state_dict(ckpt["scaler"])
         p.failures.load_state_dict(ckpt.get("decode_failures", []))
@@ -290,3 +295,40 @@ class Checkpointer:
                      "from its first batch")
         state.step = round((state.step - done_in_epoch) * new_spe / old_spe)
         state.batch_in_epoch = 0
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, log=print) -> None:
+    """Fine-tuning: start ``model`` from the weights in ``path`` (--initial_checkpoint).
+
+    ``path`` is a rectrain checkpoint (weights under ``model``) or a torchvision-layout state dict (plain, or
+    under ``state_dict``; a ``module.`` prefix from a DDP-saved file is dropped). With another class count the
+    classifier ``fc`` keeps its fresh initialisation; every other tensor must fit. Loaded with
+    ``weights_only=True``: a file carrying arbitrary objects is refused, never executed.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--initial_checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--initial_checkpoint {path} cannot be loaded ({reason[:200]})") from None
+    weights = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"--initial_checkpoint {path} holds no state dict of tensors (a rectrain checkpoint or "
+                              "torchvision's model.state_dict() is expected)")
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    own = model.state_dict()
+    fc = [k for k in ("fc.weight", "fc.bias") if k in weights]
+    if fc and weights["fc.weight"].shape != own["fc.weight"].shape:
+        log(f"note: {path} has a {weights['fc.weight'].shape[0]}-class classifier, this dataset "
+            f"{own['fc.weight'].shape[0]} classes: fc is re-initialised, every other layer loaded")
+        weights = {k: v for k, v in weights.items() if k not in fc}
+    missing = sorted(set(own) - set(weights) - {"fc.weight", "fc.bias"})
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for name, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("other shape", wrong)) if keys)
+        raise CheckpointError(f"--initial_checkpoint {path} does not fit this model ({detail}); check --arch and --width")
+    model.load_state_dict(weights, strict=False)
+    log(f"initial weights from {path} ({len(weights)} tensors)")

@@ -22,6 +22,7 @@ from rectrain.buckets import MULTIPLE, RECT_MODES
 from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.errors import UserError
 from rectrain.model import ARCHS
+from rectrain.schedule import ResolutionSchedule
 
 # Help sections of `rectrain train --help`, in this order; every field names one in its metadata.
 DATA, MODEL, OPTIM, AUG, SPEED, DIST, LOGS = GROUPS = (
@@ -64,14 +65,32 @@ class TrainConfig:
                                          "largest crop of the bucket's ratio (Inception's and torchvision's range)")
     decoder: str = _f(DATA, "auto", "JPEG decoder in the workers: auto (OpenCV when installed, else Pillow), "
                                     "opencv or pil", choices=["auto", "opencv", "pil"])
+    hflip: float = _f(DATA, 0.5, "probability of a horizontal flip per training image; 0 turns flipping off "
+                                 "(digits, text, many medical or industrial images are not mirror-symmetric)")
+    train_crop: str = _f(DATA, "random", "per-image training crop: random (random-resized crop keeping the bucket's "
+                                         "ratio, --crop_scale) or resize (the seed's: the whole image resized to its "
+                                         "bucket; all augmentation on the batch)", choices=["random", "resize"])
+    res_schedule: str | None = _f(DATA, None, "progressive training resolution START:END:E1:E2 (FFCV's: START px "
+                                              "until epoch E1, rising linearly to END at epoch E2, multiples of 32, "
+                                              "epochs from 0; e.g. 160:192:2:13); replaces --target_size for "
+                                              "training, batch size unchanged")
+    val_target_size: int | None = _f(DATA, None, "validation resolution (default: the final training size); "
+                                                 "FixRes: random-resized-crop training at r validates best near 1.15r")
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
     # --- model ---
     arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCHS))
     width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
+    initial_checkpoint: str | None = _f(MODEL, None, "fine-tune: start from these weights (a rectrain checkpoint or a "
+                                                     "torchvision-layout state dict); another class count "
+                                                     "re-initialises fc. Not a resume: epochs, optimizer and "
+                                                     "schedule start afresh")
     # --- optimisation ---
     epochs: int = _f(OPTIM, 90, "total training epochs")
-    lr: float = _f(OPTIM, 0.1, "peak learning rate for the GLOBAL batch (linear-scaling rule: 0.1 x global/256)")
+    lr: float = _f(OPTIM, 0.1, "peak learning rate for the GLOBAL batch (the seed's meaning; the linear-scaling rule "
+                               "gives 0.1 x global/256)")
+    lr_per_256: float | None = _f(OPTIM, None, "peak learning rate per 256 images instead of --lr: the rate is "
+                                               "X x global batch / 256 (Goyal et al.); exclusive with --lr")
     momentum: float = _f(OPTIM, 0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = _f(OPTIM, 1e-4, "L2 weight decay (not applied to BatchNorm parameters or biases)")
     seed: int = _f(OPTIM, 42, "random seed (>= 0): data order, crops, augmentations, initial weights")
@@ -81,6 +100,9 @@ class TrainConfig:
     min_lr: float = _f(OPTIM, 0.0, "learning rate at the end of the cosine decay")
     nesterov: bool = _f(OPTIM, False, "Nesterov momentum")
     max_steps: int | None = _f(OPTIM, None, "stop after this many optimizer steps in total (smoke tests, benchmarks)")
+    ema_decay: float = _f(OPTIM, 0.0, "weight EMA decay per step, e.g. 0.9998 (0: off); validated beside the raw "
+                                      "weights (val_acc1_ema) and saved in checkpoints")
+    ema_every: int = _f(OPTIM, 1, "update the EMA every N steps (decay^N each time: the same time constant)")
     # --- batch augmentations (the seed's AugmentationConfig) ---
     use_mixup: bool = _f(AUG, True, "MixUp", flag="--no_mixup", invert=True)
     mixup_alpha: float = _f(AUG, 0.2, "MixUp Beta(alpha, alpha)")
@@ -101,7 +123,10 @@ class TrainConfig:
                         choices=["bf16", "fp16"])
     channels_last: bool = _f(SPEED, True, "the channels_last memory format on CUDA", flag="--no_channels_last",
                              invert=True)
-    compile: bool = _f(SPEED, False, "torch.compile of the model (a few minutes of compile time; faster steps)")
+    compile: bool = _f(SPEED, False, "torch.compile of the model (compiled once per batch shape in the warm-up "
+                                     "before epoch 1; faster steps)")
+    cuda_graphs: bool = _f(SPEED, False, "CUDA graphs: one captured graph per batch shape (torch.compile's "
+                                         "reduce-overhead mode; implies --compile; more GPU memory)")
     deterministic: bool = _f(SPEED, False, "deterministic algorithms (bit-exact resume; slower on GPU)")
     # --- distributed ---
     device: str = _f(DIST, "auto", "cuda, cuda:N, cpu or auto (cuda when available)")
@@ -173,6 +198,10 @@ RULES: dict[str, tuple] = {
     "min_lr": _NOT_NEGATIVE, "max_steps": _AT_LEAST_1, "device": _DEVICE, "nproc": _AT_LEAST_1,
     "dist_port": _PORT, "dist_timeout": _POSITIVE, "output": _NOT_EMPTY, "run_name": _NOT_EMPTY,
     "keep_checkpoints": _NOT_NEGATIVE, "val_every": _AT_LEAST_1, "print_freq": _AT_LEAST_1,
+    "hflip": (lambda v: 0 <= v <= 1, "a probability in [0, 1] (0: never flip)"),
+    "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
+    "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
+    "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,
 }
 
 
@@ -212,6 +241,8 @@ def _check_combinations(cfg: TrainConfig) -> None:
                         "lower it (0 is usual)")
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("--nesterov needs a momentum: set --momentum (e.g. 0.9) or drop --nesterov")
+    if cfg.res_schedule:
+        ResolutionSchedule.parse(cfg.res_schedule).check_epochs(cfg.epochs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,9 +422,15 @@ def resolve_config(argv: list[str], prog: str = "rectrain train") -> TrainConfig
     """Resolve a config file (``--config``) and flags into a validated TrainConfig; flags win over the file."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    from_file = {}
     if args.config:
-        parser.set_defaults(**load_config_file(args.config))  # typed values: argparse converts only strings
+        from_file = load_config_file(args.config)
+        parser.set_defaults(**from_file)  # typed values: argparse converts only strings
         args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    lr_given = "lr" in from_file or any(a == "--lr" or a.startswith("--lr=") for a in argv)
+    if lr_given and values["lr_per_256"] is not None:
+        raise UserError("--lr (the rate for the global batch) and --lr_per_256 (the rate per 256 images, scaled "
+                        "with the global batch) are exclusive: give one")
     return TrainConfig(**values).validate()

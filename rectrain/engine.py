@@ -78,7 +78,7 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  normalize, augment, autocast, lr_schedule: Callable[[int], float], label_smoothing: float,
-                 channels_last: bool):
+                 channels_last: bool, ema=None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.normalize = normalize          # DeviceNormalize: uint8 NHWC -> normalised NCHW on the device
         self.augment = augment              # BatchAugment: (images, labels) -> (images, labels_a, labels_b, lam)
@@ -86,6 +86,7 @@ class TrainStep:
         self.lr_schedule = lr_schedule
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
+        self.ema = ema                      # ModelEma or None: averaged after each applied update
         self._stepped = False
         optimizer.register_step_post_hook(self._on_optimizer_step)
 
@@ -106,6 +107,8 @@ class TrainStep:
         self._stepped = False
         self.scaler.step(self.optimizer)  # fp16: skips the update when gradients overflowed
         self.scaler.update()
+        if self.ema is not None and self._stepped:
+            self.ema.update(self.model, step)  # foreach lerp on the device, no host sync
         return loss.detach(), self._stepped
 
 

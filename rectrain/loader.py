@@ -31,21 +31,30 @@ REPLACEMENT_TRIES = 8
 class BucketDataset(torch.utils.data.Dataset):
     """Items are keyed by ``(sample_index, epoch)``; returns ((H, W, 3) uint8, label, failed paths)."""
 
-    def __init__(self, scan: SplitScan, buckets: BucketTable, transform: RectangularCropTfm, seed: int = 0):
+    def __init__(self, scan: SplitScan, buckets: BucketTable, transform: RectangularCropTfm, seed: int = 0,
+                 epoch_shapes: list[np.ndarray] | None = None):
         self.split_dir = scan.index.split_dir
         self.paths = scan.index.paths  # numpy str array: no per-item refcounts to copy-on-write in workers
         self.labels = scan.index.labels
         self.sizes = scan.sizes
         self.bucket_ids = buckets.assign(scan.sizes)
         self.shapes = buckets.shapes
+        # Progressive resolution: epoch e crops to epoch_shapes[e] (the same buckets, scaled); later epochs
+        # use the last table, and without a schedule every epoch uses ``shapes``.
+        self.epoch_shapes = epoch_shapes
         self.transform = transform
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        h, w = self.shapes[self.bucket_ids[i]]
+    def shapes_at(self, epoch: int) -> np.ndarray:
+        if not self.epoch_shapes:
+            return self.shapes
+        return self.epoch_shapes[min(epoch, len(self.epoch_shapes) - 1)]
+
+    def _load(self, i: int, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        h, w = self.shapes_at(epoch)[self.bucket_ids[i]]
         path = os.path.join(self.split_dir, str(self.paths[i]))
         return self.transform(path, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]))
 
@@ -55,7 +64,7 @@ class BucketDataset(torch.utils.data.Dataset):
         failed = []
         for _ in range(REPLACEMENT_TRIES):
             try:
-                return self._load(i, rng), int(self.labels[i]), failed
+                return self._load(i, epoch, rng), int(self.labels[i]), failed
             except DecodeError as e:
                 failed.append(str(e))
                 # Only on failure: an O(N) search would cost ~1 ms per image on ImageNet.
@@ -156,9 +165,13 @@ class Loaders:
 
 def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: BucketTable, *, batch_size: int,
                   val_batch_size: int, workers: int, seed: int, rank: int, world_size: int,
-                  crop_scale=(0.08, 1.0), pin_memory: bool = False, decoder: str = "auto") -> Loaders:
-    train_tfm = RectangularCropTfm(train=True, scale=tuple(crop_scale), decoder=decoder)
-    train_set = BucketDataset(train_scan, buckets, train_tfm, seed)
+                  crop_scale=(0.08, 1.0), pin_memory: bool = False, decoder: str = "auto", hflip: float = 0.5,
+                  crop: str = "random", epoch_shapes: list[np.ndarray] | None = None,
+                  val_buckets: BucketTable | None = None) -> Loaders:
+    """``buckets`` group the training images (and give their shapes unless ``epoch_shapes`` has a table per
+    epoch); validation crops to ``val_buckets`` (default: ``buckets``)."""
+    train_tfm = RectangularCropTfm(train=True, scale=tuple(crop_scale), hflip=hflip, crop=crop, decoder=decoder)
+    train_set = BucketDataset(train_scan, buckets, train_tfm, seed, epoch_shapes=epoch_shapes)
     base = AspectRatioBatchSampler(train_set.bucket_ids, batch_size, seed=seed)
     sampler = DistributedBatchSampler(base, num_replicas=world_size, rank=rank)
     if len(sampler) == 0:
@@ -168,7 +181,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     train = torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(workers, pin_memory))
     val = val_set = None
     if val_scan is not None and len(val_scan.index):
-        val, val_set = build_val_loader(val_scan, buckets, batch_size=val_batch_size, workers=workers,
+        val, val_set = build_val_loader(val_scan, val_buckets or buckets, batch_size=val_batch_size, workers=workers,
                                         rank=rank, world_size=world_size, pin_memory=pin_memory, decoder=decoder)
     return Loaders(train, val, sampler, train_set, val_set, stream)
 

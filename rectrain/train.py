@@ -10,14 +10,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from rectrain import checkpoint as ckpt_io
-from rectrain.checkpoint import Checkpointer, Stateful
+from rectrain.checkpoint import Checkpointer, Stateful, load_initial_weights
 from rectrain.arscan import scan_split
 from rectrain.augment import BatchAugment
 from rectrain.buckets import make_buckets
@@ -29,7 +31,9 @@ from rectrain.engine import (LoopSettings, LRSchedule, TrainState, TrainStep, au
 from rectrain.errors import UserError
 from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
 from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
+from rectrain.ema import ModelEma
 from rectrain.model import build_model, count_parameters, param_groups
+from rectrain.schedule import ResolutionSchedule
 from rectrain.warmup import batch_shapes, compiled_graphs, warm_up
 
 
@@ -67,6 +71,8 @@ def preflight(cfg: TrainConfig) -> None:
                         "and DATA_DIR/val/<class>/<images>")
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of this run)")
+    if cfg.initial_checkpoint and not os.path.isfile(cfg.initial_checkpoint):
+        raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
     run_dir = os.path.join(cfg.output, cfg.run_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not cfg.resume and os.path.isdir(ckpt_dir) and any(f.endswith(".pth") for f in os.listdir(ckpt_dir)):
@@ -116,6 +122,7 @@ class Trainer:
         self.log = logger.info  # every rank to its file; the primary also to the console
         self.stop = StopFlag()
         self.graphs_after_warmup, self.warned_recompile = 0, False
+        self.logged_resolution = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _scan(self, split: str, classes=None):
@@ -137,7 +144,7 @@ class Trainer:
             if s is not None and s.bad:
                 self.log(f"note: {len(s.bad)} unusable {name} file(s) excluded, e.g. {s.bad[0][0]} ({s.bad[0][1]})")
         self.classes = train.index.classes
-        self.buckets = make_buckets(cfg.target_size, cfg.rect_mode, cfg.max_ratio)
+        self.plan_resolution()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         workers, note = cap_workers(cfg.workers, local_world)
         if note and info.is_primary:
@@ -145,12 +152,33 @@ class Trainer:
         self.loaders = build_loaders(train, val, self.buckets, batch_size=cfg.batch_size,
                                      val_batch_size=cfg.val_batch_size or cfg.batch_size, workers=workers,
                                      seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                                     crop_scale=cfg.crop_scale, pin_memory=self.is_cuda, decoder=cfg.decoder)
+                                     crop_scale=cfg.crop_scale, pin_memory=self.is_cuda, decoder=cfg.decoder,
+                                     hflip=cfg.hflip, crop=cfg.train_crop, epoch_shapes=self.epoch_shapes,
+                                     val_buckets=self.val_buckets)
         self.steps_per_epoch = len(self.loaders.train_sampler)
         self.log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
                  f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "
                  f"{self.steps_per_epoch} batches per epoch per process, "
                  f"{workers} worker{'s' if workers != 1 else ''} per process")
+
+    def plan_resolution(self) -> None:
+        """Bucket tables: ``buckets`` group the training images (at the final training size); with
+        --res_schedule each epoch crops to those buckets scaled to its size; validation has its own table at
+        --val_target_size (default: the final training size)."""
+        cfg = self.cfg
+        self.res_schedule = ResolutionSchedule.parse(cfg.res_schedule) if cfg.res_schedule else None
+        final = self.res_schedule.end if self.res_schedule else cfg.target_size
+        self.buckets = make_buckets(final, cfg.rect_mode, cfg.max_ratio)
+        self.val_buckets = make_buckets(cfg.val_target_size or final, cfg.rect_mode, cfg.max_ratio)
+        self.epoch_shapes = None
+        if self.res_schedule is not None:
+            self.epoch_shapes = [self.buckets.scaled(self.resolution(e)) for e in range(cfg.epochs)]
+            self.log(f"progressive resolution {self.res_schedule}: " + ", ".join(
+                f"{size} px from epoch {next(e for e in range(cfg.epochs) if self.resolution(e) == size) + 1}"
+                for size in self.res_schedule.sizes(cfg.epochs)) + f"; batch size {cfg.batch_size} throughout")
+
+    def resolution(self, epoch: int) -> int:
+        return self.res_schedule.at(epoch) if self.res_schedule else self.buckets.target_size
 
     def setup_model(self) -> None:
         cfg = self.cfg
@@ -175,6 +203,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.augment = BatchAugment(cfg.augmentation(), seed=cfg.seed, rank=self.info.rank, device=self.device)
         self.failures = DecodeFailurePolicy(cfg.max_decode_failures, log=self.log)
+        if cfg.initial_checkpoint:
+            load_initial_weights(model, cfg.initial_checkpoint, log=self.log)
+        # The EMA starts from the initial weights (or the resumed ones: Checkpointer.restore).
+        self.ema = ModelEma(model, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay else None
         self.log(f"model: {cfg.arch} ({count_parameters(model):,} parameters), device {self.device}, "
                  f"precision {'fp32' if amp_dtype is None else cfg.amp_dtype}, augmentations {self.augment.config}")
 
@@ -186,23 +218,26 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.train_model = DDP(self.model, device_ids=[self.device.index] if self.is_cuda else None,
                                    gradient_as_bucket_view=True)
-        if self.cfg.compile:
+        if self.cfg.compile or self.cfg.cuda_graphs:
             import torch._dynamo
             # One graph per batch shape (training and validation): keep them all instead of recompiling.
             shapes = len(self.train_shapes) + len(self.val_shapes)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 8)
-            self.train_model = torch.compile(self.train_model, dynamic=False)
-            self.eval_model = torch.compile(self.model, dynamic=False)
+            mode = "reduce-overhead" if self.cfg.cuda_graphs else None  # CUDA graphs: one per batch shape
+            self.train_model = torch.compile(self.train_model, dynamic=False, mode=mode)
+            self.eval_model = torch.compile(self.model, dynamic=False, mode=mode)
 
     def plan_shapes(self) -> None:
         """Every batch shape of the run. Training: all ranks' (every rank warms the same list, so DDP's collectives
         match); the sizes depend only on bucket counts, so any epoch tells. Validation: this rank's, padded to
         full batches on CUDA or with --compile (one shape per bucket, not two)."""
-        cfg, table = self.cfg, self.buckets.shapes
-        train = self.loaders.train_sampler
-        self.train_shapes = batch_shapes(train.global_batches(self.state.epoch), self.loaders.train_set.bucket_ids,
-                                         table)
-        self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or cfg.compile) else None
+        cfg = self.cfg
+        batches = self.loaders.train_sampler.global_batches(self.state.epoch)
+        ids = self.loaders.train_set.bucket_ids
+        tables = {self.resolution(e): self.loaders.train_set.shapes_at(e) for e in range(self.state.epoch, cfg.epochs)}
+        self.train_shapes = sorted({s for t in tables.values() for s in batch_shapes(batches, ids, t)},
+                                   key=lambda s: (-s[0] * s[1] * s[2], s))
+        self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or cfg.compile or cfg.cuda_graphs) else None
         val = self.loaders.val
         if val is None:
             self.val_shapes = []
@@ -210,12 +245,13 @@ class Trainer:
         batches = val.batch_sampler
         if self.val_pad:
             batches = [[b[0]] * self.val_pad for b in batches]
-        self.val_shapes = batch_shapes([[i for i, _ in b] for b in batches], self.loaders.val_set.bucket_ids, table)
+        self.val_shapes = batch_shapes([[i for i, _ in b] for b in batches], self.loaders.val_set.bucket_ids,
+                                       self.val_buckets.shapes)
 
     def warm_up(self) -> float:
         """Run every shape once before the first epoch (cudnn autotuning, compilation); 0 when there is nothing
         to gain (CPU without --compile)."""
-        if not (self.is_cuda or self.cfg.compile):
+        if not (self.is_cuda or self.cfg.compile or self.cfg.cuda_graphs):
             return 0.0
         seconds = warm_up(self.train_model, self.eval_model, self.train_shapes, self.val_shapes,
                           autocast=self.autocast, channels_last=self.channels_last, device=self.device, log=self.log)
@@ -232,13 +268,31 @@ class Trainer:
 
     def build_step(self) -> TrainStep:
         cfg, spe = self.cfg, self.steps_per_epoch
-        schedule = LRSchedule(cfg.lr, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
+        schedule = LRSchedule(self.peak_lr, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
                               min_lr=cfg.min_lr)
         return TrainStep(self.train_model, self.optimizer, self.scaler, DeviceNormalize(self.device), self.augment,
-                         self.autocast, schedule, cfg.label_smoothing, self.channels_last)
+                         self.autocast, schedule, cfg.label_smoothing, self.channels_last, ema=self.ema)
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr is the rate for the global batch (the seed's meaning); --lr_per_256 scales with it."""
+        if self.cfg.lr_per_256 is not None:
+            return self.cfg.lr_per_256 * self.cfg.batch_size * self.info.world_size / 256
+        return self.cfg.lr
+
+    def describe_lr(self) -> str:
+        cfg, global_batch = self.cfg, self.cfg.batch_size * self.info.world_size
+        head = f"global batch {global_batch} ({self.info.world_size} process(es) x {cfg.batch_size}); "
+        if cfg.lr_per_256 is not None:
+            return head + f"peak lr {self.peak_lr:.4g} (--lr_per_256 {cfg.lr_per_256} x {global_batch}/256)"
+        rule = 0.1 * global_batch / 256
+        note = "" if math.isclose(cfg.lr, rule, rel_tol=0.01) else (
+            f"; the linear-scaling rule would give {rule:.4g} (--lr_per_256 0.1): --lr {cfg.lr} is "
+            f"{cfg.lr / rule:.2g}x that")
+        return head + f"peak lr {cfg.lr:.4g} (--lr, for the global batch){note}"
 
     def build_checkpointer(self) -> Checkpointer:
-        parts = Stateful(self.model, self.optimizer, self.scaler, self.augment, self.failures)
+        parts = Stateful(self.model, self.optimizer, self.scaler, self.augment, self.failures, self.ema)
         return Checkpointer(self.paths.ckpt_dir, parts, info=self.info, config=self.cfg.to_dict(),
                             classes=self.classes, steps_per_epoch=self.steps_per_epoch,
                             keep=self.cfg.keep_checkpoints, log=self.log)
@@ -256,15 +310,14 @@ class Trainer:
             self.checkpointer.restore(*found, self.state)
         self.plan_shapes()
         self.wrap_model()
-        global_batch = cfg.batch_size * info.world_size
-        self.log(f"global batch {global_batch} ({info.world_size} process(es) x {cfg.batch_size}); --lr {cfg.lr} "
-                 f"(linear-scaling rule would give {0.1 * global_batch / 256:.4g})")
+        self.log(self.describe_lr())
         if info.is_primary:
             write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), cfg.to_dict())
         metrics = MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1) if info.is_primary else None
         self.train_step = self.build_step()
         self.loop = LoopSettings(steps_per_epoch=self.steps_per_epoch, print_freq=cfg.print_freq,
-                                 world_size=info.world_size, log=self.log, max_steps=cfg.max_steps)
+                                 world_size=info.world_size, log=self.log, max_steps=cfg.max_steps,
+                                 on_interval=metrics.add_interval if metrics is not None else None)
         self.stop.install()
         try:
             # Workers start decoding the first batches while the warm-up autotunes and compiles.
@@ -284,6 +337,10 @@ class Trainer:
         return code
 
     def _train_epoch(self, epoch: int) -> tuple[dict, int]:
+        if self.res_schedule is not None and self.resolution(epoch) != self.logged_resolution:
+            self.logged_resolution = self.resolution(epoch)
+            self.log(f"epoch {epoch + 1}: training at {self.resolution(epoch)} px "
+                     f"({', '.join(f'{h}x{w}' for h, w in self.loaders.train_set.shapes_at(epoch))})")
         # self.batches is one loader iterator for the rest of the run: workers prefetch across epochs.
         this_epoch = itertools.islice(self.batches, self.steps_per_epoch - self.state.batch_in_epoch)
         progress = self._progress(epoch)
@@ -335,25 +392,43 @@ class Trainer:
                "val_loss": None, "val_acc1": None, "val_acc5": None,
                "lr": self.optimizer.param_groups[0]["lr"],
                "images_per_sec": stats.get("images_per_sec"), "data_wait_frac": stats.get("data_wait_frac"),
-               "epoch_time_s": stats.get("epoch_time_s"), "warmup_s": self.pending_warmup_s, "is_best": False}
+               "epoch_time_s": stats.get("epoch_time_s"), "warmup_s": self.pending_warmup_s,
+               "resolution": self.resolution(epoch), "is_best": False}
         self.pending_warmup_s = None
         due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        if due and self.loaders.val is not None:
-            t = time.perf_counter()
-            sums = evaluate(self.eval_model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
-                            self.channels_last, pad_to=self.val_pad)
-            if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
+        if not due or self.loaders.val is None:
+            return row
+        res = self._validate(epoch, self.eval_model, "")
+        if res is None:
+            return None
+        row.update({k: res[k] for k in ("val_loss", "val_acc1", "val_acc5")})
+        if self.ema is not None:  # the averaged weights, validated beside the raw ones
+            res_ema = self._validate(epoch, self.ema.module, " (EMA)")
+            if res_ema is None:
                 return None
-            res = reduce_eval(sums)
-            row.update({k: res[k] for k in ("val_loss", "val_acc1", "val_acc5")})
-            row["is_best"] = res["val_acc1"] > state.best_acc1
-            state.best_acc1 = max(state.best_acc1, res["val_acc1"])
-            self.log(f"epoch {epoch + 1}: val top-1 {res['val_acc1']:.2f}% top-5 {res['val_acc5']:.2f}% "
-                     f"loss {res['val_loss']:.4f} on {res['val_images']:,} images ({time.perf_counter() - t:.1f} s)")
+            row.update({f"{k}_ema": res_ema[k] for k in ("val_loss", "val_acc1", "val_acc5")})
+        row["is_best"] = res["val_acc1"] > state.best_acc1  # best.pth follows the raw weights' top-1
+        state.best_acc1 = max(state.best_acc1, res["val_acc1"])
         return row
 
+    def _validate(self, epoch: int, model, label: str) -> dict | None:
+        """Top-1/top-5/loss over the whole validation set; None when a stop signal arrived (agreed by all ranks)."""
+        t = time.perf_counter()
+        sums = evaluate(model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
+                        self.channels_last, pad_to=self.val_pad)
+        if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
+            return None
+        res = reduce_eval(sums)
+        self.log(f"epoch {epoch + 1}: val{label} top-1 {res['val_acc1']:.2f}% top-5 {res['val_acc5']:.2f}% "
+                 f"loss {res['val_loss']:.4f} on {res['val_images']:,} images at {self.val_buckets.target_size} px "
+                 f"({time.perf_counter() - t:.1f} s)")
+        return res
+
     def _progress(self, epoch: int):
-        if not self.info.is_primary:
+        """A tqdm bar on rank 0 per --progress (auto: only on a terminal, so logs captured by nohup or SLURM
+        hold the periodic log lines without carriage-return updates)."""
+        mode = self.cfg.progress
+        if not self.info.is_primary or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
             return None
         from tqdm import tqdm
         return tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch, desc=f"epoch {epoch + 1}/"
