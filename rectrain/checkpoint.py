@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,15 @@ class Checkpointer:
         self.ckpt_dir, self.parts, self.info = ckpt_dir, parts, info
         self.config, self.classes, self.steps_per_epoch, self.keep, self.log = config, classes, steps_per_epoch, keep, log
         self.device = next(parts.model.parameters()).device
+        if info.is_primary:
+            self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """A process killed while saving (SIGKILL, power loss) leaves its temporary file, possibly hundreds of MB;
+        no run writes into this folder but this one, so any temporary here is stale."""
+        for path in glob.glob(os.path.join(self.ckpt_dir, ".*.tmp.*")) + glob.glob(os.path.join(self.ckpt_dir, "*.tmp.*")):
+            _remove_quietly(path)
+            self.log(f"removed {path}, left by an interrupted save")
 
     # -- save -----------------------------------------------------------------------------------
     def _rank_state(self, state) -> dict:
@@ -181,6 +191,7 @@ class Checkpointer:
         return {"torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
                 "augment": self.parts.augment.state_dict(),
+                "decode_failures": self.parts.failures.state_dict(),  # each rank counts its own
                 "epoch_loss_sum": state.epoch_loss_sum, "epoch_images": state.epoch_images}
 
     def _payload(self, state, ranks: list[dict], metrics: dict | None) -> dict:
@@ -190,7 +201,7 @@ class Checkpointer:
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
             "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "steps_per_epoch": self.steps_per_epoch, "best_acc1": state.best_acc1,
-            "decode_failures": p.failures.state_dict(),
+            "decode_failures": sorted({f for r in ranks for f in r["decode_failures"]}),  # all ranks' (a record)
             "sampler": {"epoch": state.epoch, "start_batch": state.batch_in_epoch, "seed": self.config.get("seed"),
                         "world_size": self.info.world_size, "order_version": ORDER_VERSION},
             "rng": ranks, "world_size": self.info.world_size,
@@ -212,6 +223,9 @@ class Checkpointer:
                 self.log(f"saved checkpoint {path}")
             except UserError as e:
                 error = str(e)
+            except Exception as e:  # our bug: keep the traceback in the log, but never leave the others waiting
+                self.log(f"error: writing a checkpoint failed:\n{traceback.format_exc()}")
+                error = f"writing a checkpoint failed ({type(e).__name__}: {e}); the previous checkpoint is intact"
         error = broadcast_object(error)
         if error:
             raise CheckpointError(error)
@@ -258,7 +272,7 @@ class Checkpointer:
             p.ema.module.load_state_dict(ckpt.get("model_ema", ckpt["model"]))
         p.optimizer.load_state_dict(ckpt["optimizer"])
         p.scaler.load_state_dict(ckpt["scaler"])
-        p.failures.load_state_dict(ckpt.get("decode_failures", []))
+        p.failures.load_state_dict([])
         state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         state.best_acc1 = ckpt.get("best_acc1", -1.0)
         old_spe = ckpt.get("steps_per_epoch") or self.steps_per_epoch
@@ -275,6 +289,7 @@ class Checkpointer:
 
     def _restore_rank(self, mine: dict, state) -> None:
         torch.set_rng_state(mine["torch_rng"])
+        self.parts.failures.load_state_dict(mine.get("decode_failures", []))
         if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.parts.augment.load_state_dict(mine["augment"])

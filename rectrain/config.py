@@ -76,6 +76,10 @@ class TrainConfig:
                                               "training, batch size unchanged")
     val_target_size: int | None = _f(DATA, None, "validation resolution (default: the final training size); "
                                                  "FixRes: random-resized-crop training at r validates best near 1.15r")
+    decode: str = _f(DATA, "cpu", "where JPEGs are decoded: cpu (DataLoader workers), gpu (workers only read the files; "
+                                  "the main process decodes each batch with torchvision's nvJPEG and crops on the GPU; "
+                                  "needs torchvision with CUDA) or auto (gpu where available, else cpu)",
+                     choices=["auto", "cpu", "gpu"])
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
     # --- model ---
@@ -416,6 +420,18 @@ def build_parser(prog: str = "rectrain train") -> argparse.ArgumentParser:
                        description="Train a ResNet on an image folder with rectangular, aspect-ratio bucketed batches.")
     add_arguments(parser)
     return parser
+
+
+def given_settings(argv: list[str]) -> set[str]:
+    """Field names that ``argv`` sets, on the command line or in its ``--config`` file (the rest are defaults).
+
+    On resume the checkpoint's settings replace the defaults, and only these override them."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # an option that is not given leaves no attribute
+    args = vars(parser.parse_args(argv))
+    config = args.pop("config", None)
+    return set(args) | (set(load_config_file(config)) if config else set())
 
 
 def resolve_config(argv: list[str], prog: str = "rectrain train") -> TrainConfig:

@@ -36,7 +36,8 @@ def preempted_exit_code(signum: int) -> int:
     return 128 + signum
 
 
-FAILURE_GRACE_S = 60  # after one worker fails, how long the others get to exit before they are killed
+FAILURE_GRACE_S = 15  # after one worker fails, how long the others get to exit before they are killed (a rank
+                      # blocked in a collective with the failed one never returns by itself under NCCL)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -
             bad = [p for p in procs if p.exitcode not in (None, 0, 130, 143)]
             if bad and failed is None:
                 failed, failed_at = bad[0].exitcode, time.monotonic()
+                print(f"rectrain: rank {procs.index(bad[0])} exited with status {failed}"
+                      f"{' (killed by signal ' + str(-failed) + ')' if failed < 0 else ''}; stopping the other ranks",
+                      file=sys.stderr, flush=True)
                 _signal_all(procs, signal.SIGTERM)  # the others try to stop cleanly...
             if failed is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
                 for p in procs:  # ...but may be stuck in a collective with the dead rank
@@ -223,8 +227,11 @@ def _local_entry(local_rank: int, worker, device: str, nproc: int, port: str, ti
     except BaseException:
         traceback.print_exc()
         code = 1
-    if code:
-        os._exit(code)  # skip torch's wrapper, which would report a plain exit as a crash
+    # Exit here, every time: torch's wrapper would report a plain non-zero exit as a crash, and the interpreter's
+    # finalisation can race the communication library's threads (an abort after a finished run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_worker(worker, device: str, timeout_s: float) -> int:
@@ -247,10 +254,15 @@ def _run_worker(worker, device: str, timeout_s: float) -> int:
         raise UserError(f"rank {rank}/{world}: could not join the process group at "
                         f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({e}); check that every "
                         "node uses the same address, port and world size, and that the port is open") from None
+    finished = False
     try:
-        return worker(info)
+        code = worker(info)
+        finished = True
+        return code
     finally:
         if dist.is_initialized():
+            if finished:  # leave together: a rank closing its connections while a peer still uses them
+                dist.barrier()  # can abort gloo's threads ("terminate called without an active exception")
             dist.destroy_process_group()
 
 
@@ -301,6 +313,39 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def on_primary(fn, what: str, log=None):
+    """Run ``fn()`` on rank 0 only and tell every rank how it went (one broadcast).
+
+    Rank-0-only work (metrics and summary files, the scan that writes the cache) can fail, e.g. on a full
+    disk; if rank 0 simply raised, the other ranks would wait in their next collective until the timeout.
+    Here a failure becomes one UserError on every rank, naming ``what`` failed. Returns ``fn()``'s result on
+    rank 0 and None elsewhere.
+    """
+    error, result = None, None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{what} failed: {e.strerror or e}{' (' + e.filename + ')' if e.filename else ''}; free disk " \
+                    "space or choose another --output, then resume with --resume auto"
+        except Exception as e:  # our bug: keep its traceback in the log, stop every rank cleanly
+            if log is not None:
+                log(f"error: {what} failed:\n{traceback.format_exc()}")
+            error = f"{what} failed: {type(e).__name__}: {e}"
+    error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return result
+
+
 class StopFlag:
     """SIGTERM/SIGINT -> every rank agrees to stop at the same step boundary.
 
@@ -314,6 +359,7 @@ class StopFlag:
     def __init__(self):
         self.received = 0  # set by the handler only
         self.agreed = 0    # the last answer of should_stop(), the same on every rank
+        self.error: UserError | None = None  # this rank's pending failure (fail()), raised by every rank together
         self._previous = {}
         self._group = None
 
@@ -340,14 +386,32 @@ class StopFlag:
             self.uninstall()
         self.received = signum
 
+    def fail(self, error: UserError) -> None:
+        """Record a failure of this rank (e.g. too many undecodable images): at the next ``should_stop()``
+        every rank raises it together, instead of this rank leaving the others waiting in a collective."""
+        if self.error is None:
+            self.error = error
+
     def should_stop(self) -> int:
-        """0 to go on, else the signal number (the same on every rank)."""
+        """0 to go on, else the signal number (the same on every rank); raises a failure of any rank."""
         if self._group is None:
+            if self.error is not None:
+                raise self.error
             self.agreed = self.received
             return self.agreed
         # A handler may run at any bytecode boundary, e.g. right after the all-reduce returns: it only
         # ever writes ``received``, so a signal is never lost, at worst seen one step later.
-        t = torch.tensor([self.received], dtype=torch.int64)
+        t = torch.tensor([self.received, int(self.error is not None)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        self.agreed = int(t.item())  # a CPU tensor: no device sync
+        if t[1]:
+            self._raise_agreed_error()
+        self.agreed = int(t[0])  # a CPU tensor: no device sync
         return self.agreed
+
+    def _raise_agreed_error(self) -> None:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if self.error is None else str(self.error), group=self._group)
+        if self.error is not None:
+            raise self.error
+        rank = next(r for r, m in enumerate(messages) if m is not None)
+        raise UserError(f"rank {rank} stopped the run: {messages[rank]}")

@@ -20,13 +20,14 @@ from typing import Callable
 
 import torch
 
-from rectrain.distributed import StopFlag, all_reduce_sum
+from rectrain.distributed import StopFlag, all_reduce_min, all_reduce_sum
 from rectrain.errors import UserError
 from rectrain.loader import DecodeFailurePolicy, guarded
 from rectrain.losses import augmented_loss
 from rectrain.schedule import lr_at, set_lr
 
 DATA_WAIT_WARN = 0.10  # warn once when more than 10% of step time is spent waiting for data
+NO_STEP = 2 ** 62      # "no non-finite loss yet" (a MIN over ranks picks the first bad step of any rank)
 
 
 class NonFiniteLoss(UserError):
@@ -133,7 +134,7 @@ def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: Stop
     train_step.model.train()
     device = train_step.normalize.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)   # sum over images of this rank
-    bad_step = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
+    bad_step = torch.full((), NO_STEP, device=device, dtype=torch.int64)  # first step with a non-finite loss
     images_seen, wait = 0, 0.0
     t_start = t_last = time.perf_counter()
     interval_wait, interval_start, interval_images = 0.0, t_start, 0
@@ -143,21 +144,25 @@ def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: Stop
         wait += now - t_last
         interval_wait += now - t_last
         if failed:
-            failures.record(failed)
+            try:
+                failures.record(failed)
+            except UserError as e:  # past the limit: every rank stops at this step's should_stop(), together
+                stop.fail(e)
         loss, stepped = train_step(images, labels, state.step)
         state.step += int(stepped)  # the schedule advances only when the optimizer stepped
         n = labels.shape[0]
         loss_sum += loss.double() * n
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), state.step, bad_step)  # no copy
+        bad_step = torch.where((bad_step == NO_STEP) & ~torch.isfinite(loss), state.step, bad_step)  # no copy
         images_seen += n
         interval_images += n
         state.batch_in_epoch += 1
         t_last = time.perf_counter()
 
         if state.batch_in_epoch % loop.print_freq == 0 or state.batch_in_epoch == loop.steps_per_epoch:
-            # The only device->host reads of the loop: once per print interval.
-            first_bad = int(bad_step.item())
-            if first_bad >= 0:
+            # The only device->host reads of the loop: once per print interval. Every rank reaches this at the
+            # same batch, and the MIN over ranks makes them all stop naming the same step.
+            first_bad = int(all_reduce_min(bad_step.clone()).item())
+            if first_bad != NO_STEP:
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {first_bad} (epoch {state.epoch + 1}); the last good "
                     "checkpoint is kept. Lower --lr (e.g. half) or --weight_decay (e.g. 5e-5), or try --amp_dtype bf16")

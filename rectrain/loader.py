@@ -167,10 +167,12 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
                   val_batch_size: int, workers: int, seed: int, rank: int, world_size: int,
                   crop_scale=(0.08, 1.0), pin_memory: bool = False, decoder: str = "auto", hflip: float = 0.5,
                   crop: str = "random", epoch_shapes: list[np.ndarray] | None = None,
-                  val_buckets: BucketTable | None = None) -> Loaders:
+                  val_buckets: BucketTable | None = None, decode: str = "cpu") -> Loaders:
     """``buckets`` group the training images (and give their shapes unless ``epoch_shapes`` has a table per
-    epoch); validation crops to ``val_buckets`` (default: ``buckets``)."""
-    train_tfm = RectangularCropTfm(train=True, scale=tuple(crop_scale), hflip=hflip, crop=crop, decoder=decoder)
+    epoch); validation crops to ``val_buckets`` (default: ``buckets``). ``decode="gpu"``: workers read the file
+    bytes and the crop geometry only (``rectrain.gpu_decode``); batches are then decoded on the device."""
+    train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(crop_scale), hflip=hflip, crop=crop,
+                                               decoder=decoder), decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, seed, epoch_shapes=epoch_shapes)
     base = AspectRatioBatchSampler(train_set.bucket_ids, batch_size, seed=seed)
     sampler = DistributedBatchSampler(base, num_replicas=world_size, rank=rank)
@@ -178,28 +180,41 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
         raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {batch_size} "
                         f"for {world_size} process(es); lower --batch_size or add images")
     stream = EpochStream(sampler)
-    train = torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(workers, pin_memory))
+    train = torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(workers, pin_memory, decode))
     val = val_set = None
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, val_buckets or buckets, batch_size=val_batch_size, workers=workers,
-                                        rank=rank, world_size=world_size, pin_memory=pin_memory, decoder=decoder)
+                                        rank=rank, world_size=world_size, pin_memory=pin_memory, decoder=decoder,
+                                        decode=decode)
     return Loaders(train, val, sampler, train_set, val_set, stream)
 
 
-def _loader_kw(workers: int, pin_memory: bool) -> dict:
+def _for_decode(tfm: RectangularCropTfm, decode: str):
+    if decode != "gpu":
+        return tfm
+    from rectrain.gpu_decode import BytesCropTfm
+    return BytesCropTfm(tfm)
+
+
+def _loader_kw(workers: int, pin_memory: bool, decode: str = "cpu") -> dict:
     # Workers persist (no re-fork per epoch; validation's too) and prefetch 4 batches each.
-    return dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=workers > 0,
+    if decode == "gpu":
+        from rectrain.gpu_decode import collate_encoded as collate_fn
+    else:
+        collate_fn = collate
+    return dict(num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
                 worker_init_fn=_ignore_stop_signals if workers > 0 else None)
 
 
 def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: int, workers: int, rank: int,
-                     world_size: int, pin_memory: bool = False, decoder: str = "auto"):
+                     world_size: int, pin_memory: bool = False, decoder: str = "auto", decode: str = "cpu"):
     """Deterministic centre crops, batches grouped by bucket, every image once across ranks."""
-    val_set = BucketDataset(val_scan, buckets, RectangularCropTfm(train=False, decoder=decoder), seed=0)
+    val_set = BucketDataset(val_scan, buckets, _for_decode(RectangularCropTfm(train=False, decoder=decoder), decode),
+                            seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, batch_size, num_replicas=world_size, rank=rank)
     keyed = [[(int(i), 0) for i in b] for b in vs]
-    loader = torch.utils.data.DataLoader(val_set, batch_sampler=keyed, **_loader_kw(workers, pin_memory))
+    loader = torch.utils.data.DataLoader(val_set, batch_sampler=keyed, **_loader_kw(workers, pin_memory, decode))
     return loader, val_set
 
 

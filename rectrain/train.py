@@ -7,6 +7,7 @@ checkpoint and a metrics row after each epoch and a mid-epoch checkpoint on SIGT
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -14,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,15 +24,16 @@ from rectrain.checkpoint import Checkpointer, Stateful, load_initial_weights
 from rectrain.arscan import scan_split
 from rectrain.augment import BatchAugment
 from rectrain.buckets import make_buckets
-from rectrain.config import TrainConfig, add_arguments as add_config_arguments, resolve_config
-from rectrain.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, barrier, launch,
-                                  preempted_exit_code)
+from rectrain.config import TrainConfig, add_arguments as add_config_arguments, given_settings, resolve_config
+from rectrain.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, launch, on_primary,
+                                  preempted_exit_code, resolve_device)
 from rectrain.engine import (LoopSettings, LRSchedule, TrainState, TrainStep, autocast_factory, evaluate,
                              reduce_eval, train_one_epoch)
 from rectrain.errors import UserError
 from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
 from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
 from rectrain.ema import ModelEma
+from rectrain.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.model import build_model, count_parameters, param_groups
 from rectrain.schedule import ResolutionSchedule
 from rectrain.warmup import batch_shapes, compiled_graphs, warm_up
@@ -51,13 +53,80 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = resolve_config(args.command_argv, prog="rectrain train")
-    return main(cfg)
+    return main(cfg, given=given_settings(args.command_argv))
 
 
-def main(cfg: TrainConfig) -> int:
+def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
+    """``given``: the settings the user chose (default: those that differ from the defaults)."""
+    if given is None:
+        given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default}
+    cfg, notes = settle_resume(cfg, given)
     preflight(cfg)
-    worker = functools.partial(train_worker, cfg)
+    worker = functools.partial(train_worker, cfg, notes)
     return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
+
+
+# Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume.
+NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "print_freq",
+                 "max_steps"}
+
+
+def settle_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
+    """Which checkpoint a run continues from, and with which settings; returns (config, notes to log).
+
+    - Under torchrun's restarts (``--max-restarts``) a restarted job resumes by itself (``--resume auto``).
+    - On resume the checkpoint's settings are the defaults: ``--resume auto`` alone continues the run as it was,
+      and every flag given now that changes one of them is listed in the log (the machine's settings, such as
+      --workers or --nproc, are never taken from the checkpoint).
+    - ``--resume PATH`` of another run's checkpoint continues into this run's folder only if that folder has no
+      history of its own (its checkpoints and metrics would be overwritten otherwise).
+    """
+    notes = []
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not cfg.resume and restarts > 0:
+        cfg = dataclasses.replace(cfg, resume="auto")
+        notes.append(f"note: torchrun restart {restarts}: resuming from the newest checkpoint of this run")
+    if not cfg.resume:
+        return cfg, notes
+    paths = RunPaths.of(cfg)
+    if cfg.resume == "auto":
+        found = ckpt_io.find_resumable(paths.ckpt_dir, log=notes.append)
+        if found is None:
+            notes.append(f"note: --resume auto found no checkpoint in {paths.ckpt_dir}: starting from scratch")
+            return dataclasses.replace(cfg, resume=None), notes
+        path, ckpt = found
+    else:
+        if not os.path.isfile(cfg.resume):
+            raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of "
+                            "this run)")
+        path, ckpt = cfg.resume, ckpt_io.load(cfg.resume)
+        _refuse_foreign_resume(path, paths)
+    merged, changed = _merge_settings(ckpt.get("config", {}), cfg, given)
+    merged = dataclasses.replace(merged, resume=path).validate()
+    if changed:
+        notes.append("note: resuming with the checkpoint's settings, except (flags given now): " + "; ".join(changed))
+    return merged, notes
+
+
+def _refuse_foreign_resume(path: str, paths: "RunPaths") -> None:
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(paths.ckpt_dir):
+        return
+    history = [p for p in (paths.ckpt_dir, os.path.join(paths.run_dir, "metrics.jsonl")) if os.path.exists(p)
+               and (not os.path.isdir(p) or any(f.endswith(".pth") for f in os.listdir(p)))]
+    if history:
+        raise UserError(f"--resume {path} is another run's checkpoint, and {paths.run_dir} has a history of its own "
+                        "that continuing here would overwrite: pass a new --run_name for the continued run "
+                        "(nothing was written)")
+
+
+def _merge_settings(saved: dict, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
+    known = {f.name for f in fields(TrainConfig)}
+    base = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known and k not in NOT_INHERITED})
+    keep_now = given | NOT_INHERITED
+    merged = dataclasses.replace(base, **{k: getattr(cfg, k) for k in keep_now})
+    changed = [f"--{k} {getattr(base, k)} -> {getattr(merged, k)}" for k in sorted(given - NOT_INHERITED)
+               if k in saved and getattr(base, k) != getattr(merged, k)]
+    return merged, changed
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -69,8 +138,8 @@ def preflight(cfg: TrainConfig) -> None:
     if not os.path.isdir(train_dir):
         raise UserError(f"--data_dir {cfg.data_dir} has no train/ folder; expected DATA_DIR/train/<class>/<images> "
                         "and DATA_DIR/val/<class>/<images>")
-    if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
-        raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of this run)")
+    if cfg.decode == "gpu":  # say so before anything is written
+        resolve_decode(cfg.decode, torch.device(resolve_device(cfg.device)))
     if cfg.initial_checkpoint and not os.path.isfile(cfg.initial_checkpoint):
         raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
     run_dir = os.path.join(cfg.output, cfg.run_name)
@@ -100,9 +169,11 @@ class RunPaths:
         return cls(run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "logs"))
 
 
-def train_worker(cfg: TrainConfig, info: DistInfo) -> int:
+def train_worker(cfg: TrainConfig, notes: list[str], info: DistInfo) -> int:
     paths = RunPaths.of(cfg)
     logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
+    for note in notes:
+        logger.info(note)
     try:
         return Trainer(cfg, info, paths, logger).fit()
     except UserError as e:
@@ -126,10 +197,9 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _scan(self, split: str, classes=None):
-        """Rank 0 scans (and writes the cache) first; the others then read the cache."""
+        """Rank 0 scans (and writes the cache) first, telling the others if it failed; they then read the cache."""
         kw = dict(classes=classes, cache_dir=self.paths.run_dir, workers=None, progress=self.info.is_primary)
-        scan = scan_split(self.cfg.data_dir, split, **kw) if self.info.is_primary else None
-        barrier()
+        scan = on_primary(lambda: scan_split(self.cfg.data_dir, split, **kw), f"scanning {split}/", self.log)
         return scan if scan is not None else scan_split(self.cfg.data_dir, split, **kw)
 
     def setup_data(self) -> None:
@@ -145,6 +215,7 @@ class Trainer:
                 self.log(f"note: {len(s.bad)} unusable {name} file(s) excluded, e.g. {s.bad[0][0]} ({s.bad[0][1]})")
         self.classes = train.index.classes
         self.plan_resolution()
+        self.decode = resolve_decode(cfg.decode, self.device)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         workers, note = cap_workers(cfg.workers, local_world)
         if note and info.is_primary:
@@ -154,7 +225,9 @@ class Trainer:
                                      seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                      crop_scale=cfg.crop_scale, pin_memory=self.is_cuda, decoder=cfg.decoder,
                                      hflip=cfg.hflip, crop=cfg.train_crop, epoch_shapes=self.epoch_shapes,
-                                     val_buckets=self.val_buckets)
+                                     val_buckets=self.val_buckets, decode=self.decode)
+        self.gpu_decoder = (GpuBatchDecoder(self.device, cpu_decoder=cfg.decoder, log=self.log)
+                            if self.decode == "gpu" else None)
         self.steps_per_epoch = len(self.loaders.train_sampler)
         self.log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
                  f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "
@@ -311,9 +384,7 @@ class Trainer:
         self.plan_shapes()
         self.wrap_model()
         self.log(self.describe_lr())
-        if info.is_primary:
-            write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), cfg.to_dict())
-        metrics = MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1) if info.is_primary else None
+        metrics = on_primary(self._open_metrics, "writing config.json and the metrics files", self.log)
         self.train_step = self.build_step()
         self.loop = LoopSettings(steps_per_epoch=self.steps_per_epoch, print_freq=cfg.print_freq,
                                  world_size=info.world_size, log=self.log, max_steps=cfg.max_steps,
@@ -321,7 +392,7 @@ class Trainer:
         self.stop.install()
         try:
             # Workers start decoding the first batches while the warm-up autotunes and compiles.
-            self.batches = self.loaders.epochs(self.state.epoch, self.state.batch_in_epoch, cfg.epochs)
+            self.batches = self._on_device(self.loaders.epochs(self.state.epoch, self.state.batch_in_epoch, cfg.epochs))
             self.warmup_s = self.warm_up()
             self.pending_warmup_s = self.warmup_s  # reported in the first metrics row of this process
             code = self._epochs(metrics)
@@ -335,6 +406,14 @@ class Trainer:
             if info.is_primary:
                 self._summary(metrics, time.time() - t0)
         return code
+
+    def _on_device(self, batches):
+        """--decode gpu: the workers' encoded batches decoded and cropped on the device; else as they are."""
+        return decoded(batches, self.gpu_decoder) if self.gpu_decoder is not None else batches
+
+    def _open_metrics(self) -> MetricsWriter:
+        write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), self.cfg.to_dict())
+        return MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1)
 
     def _train_epoch(self, epoch: int) -> tuple[dict, int]:
         if self.res_schedule is not None and self.resolution(epoch) != self.logged_resolution:
@@ -368,6 +447,8 @@ class Trainer:
                     save("last", state)
                     return 0
             self.check_recompiles()
+            if self.gpu_decoder is not None:
+                self.log(self.gpu_decoder.summary())
             average_buffers(self.model)  # identical BatchNorm statistics on every rank
             row = self._validate_and_row(epoch, stats)
             if row is None:  # a stop signal during validation: resume will validate this epoch again
@@ -378,8 +459,8 @@ class Trainer:
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             state.epoch_loss_sum, state.epoch_images = 0.0, 0
             save("epoch", state, row)
-            if metrics is not None:
-                metrics.add({k: v for k, v in row.items() if k != "is_best"})
+            on_primary(lambda: metrics.add({k: v for k, v in row.items() if k != "is_best"}),
+                       f"writing the metrics of epoch {epoch + 1}", self.log)
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 break
         return 0
@@ -414,7 +495,7 @@ class Trainer:
     def _validate(self, epoch: int, model, label: str) -> dict | None:
         """Top-1/top-5/loss over the whole validation set; None when a stop signal arrived (agreed by all ranks)."""
         t = time.perf_counter()
-        sums = evaluate(model, self.loaders.val, DeviceNormalize(self.device), self.autocast, self.stop,
+        sums = evaluate(model, self._on_device(self.loaders.val), DeviceNormalize(self.device), self.autocast, self.stop,
                         self.channels_last, pad_to=self.val_pad)
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
             return None

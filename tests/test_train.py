@@ -287,3 +287,13 @@ def test_a_shape_the_warm_up_missed_is_reported_as_a_recompile(data_dir, tmp_pat
     torch._dynamo.reset()
     assert run(data_dir, tmp_path, "--epochs", "1", "--compile", "--max_ratio", "1.0", name="miss") == 0
     assert "new graph(s) after the warm-up" in (tmp_path / "miss/logs/rank0.log").read_text()
+
+
+def test_gpu_decode_without_cuda_or_torchvision_is_one_clear_line(data_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine can decode on the GPU")
+    code = cli_main(["train", "--data_dir", data_dir, "--output", str(tmp_path / "out"), *TINY, "--decode", "gpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--decode cpu" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
