@@ -77,9 +77,7 @@ def load(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason}); it may be truncated or not a "
-                              "rectrain checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {load_failure_reason(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a rectrain checkpoint (no 'model' entry)")
     version = ckpt.get("format_version", 0)
@@ -87,6 +85,21 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this rectrain "
                               f"understands ({FORMAT_VERSION}); upgrade rectrain")
     return ckpt
+
+
+def load_failure_reason(e: Exception) -> str:
+    """torch.load's paragraph-long errors, said in one short clause."""
+    text = str(e)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return (f"it carries a Python object ({blocked.group(1)}) that loading would execute; refused and not run "
+                "(checkpoints hold tensors and plain values only)")
+    if "zip archive" in text or "central directory" in text:
+        return "the file is incomplete (truncated, e.g. by a kill or a full disk during a copy) or not a PyTorch file"
+    if "Weights only load failed" in text or "invalid load key" in text or "Unsupported operand" in text:
+        return "not a PyTorch checkpoint (unreadable bytes), or one carrying Python objects; refused and not run"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0][:200] if lines else type(e).__name__)
 
 
 def candidates(ckpt_dir: str) -> list[str]:
@@ -325,8 +338,7 @@ def load_initial_weights(model: torch.nn.Module, path: str, log=print) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"--initial_checkpoint {path} cannot be loaded ({reason[:200]})") from None
+        raise CheckpointError(f"--initial_checkpoint {path} cannot be loaded: {load_failure_reason(e)}") from None
     weights = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"--initial_checkpoint {path} holds no state dict of tensors (a rectrain checkpoint or "

@@ -532,8 +532,10 @@ class Trainer:
         }
         write_json_atomic(os.path.join(self.paths.run_dir, "summary.json"), summary)
         p = self.paths
-        self.log(f"done in {total_s:.0f} s: best top-1 {summary['best_acc1']}\n"
+        best = (f"best top-1 {summary['best_acc1']:.2f}% (epoch {summary['best_epoch']})" if best else
+                "no validation (no val/ folder or --val_every beyond the run)")
+        self.log(f"done in {total_s:.0f} s: {best}\n"
                  f"  checkpoints: {p.ckpt_dir}\n  logs:        {p.log_dir}\n"
-                 f"  metrics:     {os.path.join(p.run_dir, 'metrics.csv')} (and metrics.jsonl)\n"
+                 f"  metrics:     {os.path.join(p.run_dir, 'metrics.csv')} (and metrics.jsonl, steps.jsonl)\n"
                  f"  plot:        {os.path.join(p.run_dir, 'curves.png')}\n"
                  f"  summary:     {os.path.join(p.run_dir, 'summary.json')}")
