@@ -1,8 +1,9 @@
 """Loader throughput: rectrain's training loader against the standard per-image pipeline, side by side.
 
-The standard pipeline is what torchvision's ImageNet reference does per image: full JPEG decode with
-PIL, RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3, bilinear), random flip, ToTensor (float32),
-Normalize. It uses torchvision when installed and an exact PIL/numpy re-implementation otherwise.
+The standard pipeline is what torchvision's ImageNet reference does per image (``rectrain.bench.standard``):
+full JPEG decode with PIL, RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3, bilinear), random flip,
+ToTensor (float32), Normalize. It uses torchvision when installed and an exact PIL/numpy re-implementation
+otherwise.
 rectrain's loader: header-cached sizes, bucketed rectangular crops chosen before decoding (DCT-scaled
 JPEG decode when the crop allows), uint8 output; normalisation happens later on the device.
 
@@ -16,77 +17,21 @@ use one worker. Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rectrain.arscan import scan_split  # noqa: E402
+from rectrain.bench.standard import StandardDataset, standard_transform  # noqa: E402
 from rectrain.buckets import make_buckets  # noqa: E402
 from rectrain.loader import build_loaders  # noqa: E402
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def standard_transform():
-    try:
-        import torchvision.transforms as T
-        return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())]), "torchvision"
-    except Exception:
-        return _pil_standard, "PIL re-implementation of torchvision's"
-
-
-def _rrc_params(w: int, h: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params."""
-    area = w * h
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(*scale)
-        ar = math.exp(random.uniform(*log_ratio))
-        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return random.randint(0, h - ch), random.randint(0, w - cw), ch, cw
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def _pil_standard(img: Image.Image) -> torch.Tensor:
-    top, left, ch, cw = _rrc_params(*img.size)
-    img = img.crop((left, top, left + cw, top + ch)).resize((224, 224), Image.BILINEAR)
-    if random.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    return (x - MEAN) / STD
-
-
-class StandardDataset(torch.utils.data.Dataset):
-    def __init__(self, files, labels, transform):
-        self.files, self.labels, self.transform = files, labels, transform
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        with open(self.files[i], "rb") as f:
-            img = Image.open(f).convert("RGB")  # full decode
-        return self.transform(img), int(self.labels[i])
 
 
 def time_loader(loader, batches: int, warmup: int) -> float:
@@ -124,7 +69,7 @@ def main() -> None:
                        kind="imagenet", seed=0)
     scan = scan_split(data_dir, "train")
     files = [os.path.join(scan.index.split_dir, str(p)) for p in scan.index.paths]
-    transform, std_name = standard_transform()
+    transform, std_name = standard_transform(args.target_size)
     std_loader = torch.utils.data.DataLoader(StandardDataset(files, scan.index.labels, transform),
                                              batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                              persistent_workers=args.workers > 0, drop_last=True)
@@ -146,7 +91,7 @@ def main() -> None:
           f"{args.batches} timed batches")
     print(f"{'pipeline':<64} {'images/s':>10} {'per worker':>11} {'ratio':>6}")
     w = max(args.workers, 1)
-    print(f"{'standard (' + std_name + ' RRC224 + ToTensor + Normalize)':<64} {std_ips:>10.1f} {std_ips / w:>11.1f} "
+    print(f"{'standard (' + std_name + f' RRC{args.target_size} + ToTensor + Normalize)':<64} {std_ips:>10.1f} {std_ips / w:>11.1f} "
           f"{1:>6.2f}")
     for d, ips in our_ips.items():
         label = f"rectrain, {d} decoder (bucketed rect crops, uint8, DCT-scaled decode)"

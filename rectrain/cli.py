@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("rectrain.selftest", "self-test of the model: parameter count, forward/backward on rectangular inputs"),
     "train": ("rectrain.train", "train a ResNet on an image folder (the seed's train_g4.dn_12xlarge.py)"),
     "eval": ("rectrain.evaluate", "top-1/top-5 of a checkpoint on a validation split"),
-    "bench": ("rectrain.bench", "benchmarks: `rectrain bench loader` measures decoded images/s"),
+    "bench": ("rectrain.bench", "speed benchmarks: loader, model (the step alone), e2e (the training loop), ablation (the seed's speed table)"),
     "scan": ("rectrain.arscan", "scan an image folder: counts, bad files, aspect ratios, buckets (builds the cache)"),
     "synth": ("rectrain.synth", "write a synthetic ImageNet-style folder of JPEGs (tests, demo, benchmarks)"),
     "prepare": ("rectrain.prepare", "write a downscaled copy of an image folder (faster decoding), resumable"),

@@ -15,15 +15,17 @@ import time
 import torch
 
 from rectrain.arscan import scan_split
+from rectrain.bench.common import cpu_cores
 from rectrain.buckets import RECT_MODES, make_buckets
 from rectrain.errors import UserError
 from rectrain.loader import build_loaders
 
+HELP = "decoded images/s of the training loader (workers, crops, batches), end to end from the files"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["loader"], help="what to benchmark")
     p.add_argument("--data_dir", required=True, help="dataset root holding train/<class>/<images>")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=cpu_cores(), help="DataLoader worker processes")
     p.add_argument("--batch_size", type=int, default=256, help="images per batch")
     p.add_argument("--target_size", type=int, default=224, help="crop short side (short_side mode)")
     p.add_argument("--rect_mode", choices=list(RECT_MODES), default="short_side", help="bucket shapes")
