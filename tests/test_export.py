@@ -8,31 +8,20 @@ import sys
 import pytest
 import torch
 
-from rectrain import train as train_mod
 from rectrain.checkpoint import load as load_ckpt
 from rectrain.cli import main as cli_main
-from rectrain.config import resolve_config
 from rectrain.evaluate import restore
 from rectrain.model import build_model
-from rectrain.synth import make_synthetic
 
-TINY = ["--arch", "resnet18", "--width", "8", "--target_size", "32", "--batch_size", "8", "--workers", "0",
-        "--device", "cpu", "--print_freq", "2", "--lr", "0.05", "--warmup_epochs", "0.5", "--max_ratio", "1.5",
-        "--deterministic"]
 # (B, 3, H, W): square, landscape and portrait, of sizes other than the export's example input
 SHAPES = [(2, 3, 32, 32), (1, 3, 32, 64), (3, 3, 96, 64)]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+@pytest.fixture(scope="session")
+def ckpt(tiny_run):
     """last.pth of a one-epoch tiny run (resnet18, width 8, 3 classes)."""
-    root = tmp_path_factory.mktemp("export")
-    data = str(root / "data")
-    make_synthetic(data, classes=3, train_per_class=16, val_per_class=5, kind="tiny", seed=0)
-    cfg = resolve_config(["--data_dir", data, "--output", str(root), "--run_name", "run", "--epochs", "1", *TINY])
-    assert train_mod.main(cfg) == 0
-    return str(root / "run" / "checkpoints" / "last.pth")
+    return tiny_run.ckpt
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rectrain import train as train_mod
 from rectrain.cli import main as cli_main
-from rectrain.config import resolve_config
-from rectrain.synth import make_synthetic
 from rectrain.transforms import open_rgb
 
-TINY = ["--arch", "resnet18", "--width", "8", "--target_size", "32", "--batch_size", "8", "--workers", "0",
-        "--device", "cpu", "--print_freq", "2", "--lr", "0.05", "--warmup_epochs", "0.5", "--max_ratio", "1.5",
-        "--deterministic"]
 CPU = ["--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+@pytest.fixture(scope="session")
+def run_dir(tiny_run):
     """A one-epoch run on 3 classes x 5 val images: (data dir, last.pth)."""
-    root = tmp_path_factory.mktemp("predict")
-    data = str(root / "data")
-    make_synthetic(data, classes=3, train_per_class=16, val_per_class=5, kind="tiny", seed=0)
-    cfg = resolve_config(["--data_dir", data, "--output", str(root), "--run_name", "run", "--epochs", "1", *TINY])
-    assert train_mod.main(cfg) == 0
-    return data, str(root / "run" / "checkpoints" / "last.pth")
+    return tiny_run.data, tiny_run.ckpt
 
 
 def predict_json(capsys, ckpt, *args):

@@ -14,10 +14,8 @@ from rectrain.checkpoint import load as load_ckpt
 from rectrain.cli import main as cli_main
 from rectrain.config import resolve_config
 from rectrain.synth import make_synthetic
+from tiny import TINY
 
-TINY = ["--arch", "resnet18", "--width", "8", "--target_size", "32", "--batch_size", "8", "--workers", "0",
-        "--device", "cpu", "--print_freq", "2", "--lr", "0.05", "--warmup_epochs", "0.5", "--max_ratio", "1.5",
-        "--deterministic"]
 
 
 @pytest.fixture(scope="module")
