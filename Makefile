@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements-dev.txt constraints-dev.txt
 # The demo: a small learnable dataset (made once), then a real ResNet-50 run at 64 px.
 DEMO_DATA ?= demo_data
 DEMO_ARGS ?= --epochs 6 --batch_size 32 --lr 0.1 --warmup_epochs 1 --target_size 64 --workers 2 \
-             --print_freq 5 --run_name demo --val_every 1
+             --print_freq 5 --run_name demo --val_every 1 --keep_checkpoints 2
 
 demo: setup
 	test -d $(DEMO_DATA)/train || $(PY) -m rectrain synth --out $(DEMO_DATA) --classes 8 \

@@ -445,8 +445,19 @@ def resolve_config(argv: list[str], prog: str = "rectrain train") -> TrainConfig
         args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    lr_given = "lr" in from_file or any(a == "--lr" or a.startswith("--lr=") for a in argv)
-    if lr_given and values["lr_per_256"] is not None:
+    _settle_lr(values, from_file, argv)
+    return TrainConfig(**values).validate()
+
+
+def _settle_lr(values: dict, from_file: dict, argv: list[str]) -> None:
+    """--lr and --lr_per_256 are two ways to give one rate: exclusive where given together, and the command line
+    wins over the config file (a file's lr with --lr_per_256 on the command line uses --lr_per_256)."""
+    on_cli = {name for name in ("lr", "lr_per_256") if any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)}
+    in_file = {name for name in ("lr", "lr_per_256") if from_file.get(name) is not None}
+    if len(on_cli) == 2 or (not on_cli and len(in_file) == 2):
         raise UserError("--lr (the rate for the global batch) and --lr_per_256 (the rate per 256 images, scaled "
                         "with the global batch) are exclusive: give one")
-    return TrainConfig(**values).validate()
+    if on_cli == {"lr"}:
+        values["lr_per_256"] = None
+    elif on_cli == {"lr_per_256"} and "lr" in in_file:
+        values["lr"] = TrainConfig.lr  # the file's --lr gives way; lr_per_256 sets the rate

@@ -176,6 +176,12 @@ def train_worker(cfg: TrainConfig, notes: list[str], info: DistInfo) -> int:
         logger.info(note)
     try:
         return Trainer(cfg, info, paths, logger).fit()
+    except torch.cuda.OutOfMemoryError:
+        error = UserError(f"out of GPU memory at --batch_size {cfg.batch_size} (rank {info.rank}): lower --batch_size "
+                          f"(e.g. {max(1, cfg.batch_size // 2)}, with --lr halved by the linear-scaling rule) or use "
+                          "--rect_mode area; `rectrain check` finds a batch size that fits. Resume with --resume auto")
+        logger.error(f"error: {error}")
+        raise error from None
     except UserError as e:
         logger.error(f"error: {e}")
         raise

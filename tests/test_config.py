@@ -229,3 +229,21 @@ def test_help_lists_seed_flags(capsys):
     for flag in ("--data_dir", "--batch_size", "--no_amp", "--dist_port", "--resume", "--print_freq",
                  "--amp_dtype", "--no_cutmix", "--keep_checkpoints", "--progress"):
         assert flag in out
+
+
+def test_lr_per_256_on_the_command_line_wins_over_a_files_lr(tmp_path):
+    from rectrain.config import resolve_config
+    f = tmp_path / "run.toml"
+    f.write_text("lr = 0.4\n")
+    cfg = resolve_config(["--config", str(f), "--lr_per_256", "0.1"])
+    assert cfg.lr_per_256 == 0.1 and cfg.lr == 0.1  # the file's lr gave way to the default, unused
+    cfg = resolve_config(["--config", str(f)])
+    assert cfg.lr == 0.4 and cfg.lr_per_256 is None
+    g = tmp_path / "per256.toml"
+    g.write_text("lr_per_256 = 0.2\n")
+    cfg = resolve_config(["--config", str(g), "--lr", "0.3"])
+    assert cfg.lr == 0.3 and cfg.lr_per_256 is None
+    both = tmp_path / "both.toml"
+    both.write_text("lr = 0.4\nlr_per_256 = 0.2\n")
+    with pytest.raises(UserError, match="exclusive"):
+        resolve_config(["--config", str(both)])
