@@ -34,6 +34,22 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes: ``{output}/{run_name}/``, its ``checkpoints/`` and ``logs/``."""
+
+    run_dir: str
+    ckpt_dir: str
+    log_dir: str
+
+    @classmethod
+    def of(cls, output: str, run_name: str) -> "RunPaths":
+        run_dir = os.path.join(output, run_name)
+        return cls(run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "logs"))
+
 
 EPOCH_FIELDS = ["epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_sec",
                 "data_wait_frac", "epoch_time_s",
@@ -336,3 +352,30 @@ def _headline(rows: list[dict], title: str | None) -> str:
         best = max(vals, key=lambda r: r["val_acc1"])
         parts.append(f"val top-1 {vals[-1]['val_acc1']:.2f}% (best {best['val_acc1']:.2f}% at epoch {best['epoch']})")
     return "  |  ".join(parts) or "training curves"
+
+
+def write_summary(paths: RunPaths, rows: list[dict], total_s: float, run: dict) -> dict:
+    """``summary.json``: best and final top-1/top-5, time, mean images/s, warm-up time, plus ``run``'s keys."""
+    vals = [r for r in rows if r.get("val_acc1") is not None]
+    best = max(vals, key=lambda r: r["val_acc1"]) if vals else {}
+    ips = [r["images_per_sec"] for r in rows if r.get("images_per_sec")]
+    summary = {
+        "epochs": len(rows), "best_acc1": best.get("val_acc1"), "best_acc5": best.get("val_acc5"),
+        "best_epoch": best.get("epoch"),
+        "final_acc1": vals[-1]["val_acc1"] if vals else None, "final_acc5": vals[-1]["val_acc5"] if vals else None,
+        "total_time_s": total_s, "mean_images_per_sec": sum(ips) / len(ips) if ips else None,
+        "warmup_s": sum(r.get("warmup_s") or 0.0 for r in rows), **run,
+    }
+    write_json_atomic(os.path.join(paths.run_dir, "summary.json"), summary)
+    return summary
+
+
+def closing_lines(paths: RunPaths, summary: dict) -> str:
+    """The end of a run: the best top-1, and where every output went."""
+    best = (f"best top-1 {summary['best_acc1']:.2f}% (epoch {summary['best_epoch']})"
+            if summary.get("best_acc1") is not None else "no validation (no val/ folder, or --val_every beyond the run)")
+    return (f"done in {summary['total_time_s']:.0f} s: {best}\n"
+            f"  checkpoints: {paths.ckpt_dir}\n  logs:        {paths.log_dir}\n"
+            f"  metrics:     {os.path.join(paths.run_dir, 'metrics.csv')} (and metrics.jsonl, steps.jsonl)\n"
+            f"  plot:        {os.path.join(paths.run_dir, 'curves.png')}\n"
+            f"  summary:     {os.path.join(paths.run_dir, 'summary.json')}")

@@ -128,3 +128,21 @@ class ResolutionSchedule:
 
     def __str__(self) -> str:
         return f"{self.start}:{self.end}:{self.start_epoch}:{self.end_epoch}"
+
+
+def peak_lr(lr: float, lr_per_256: float | None, global_batch: int) -> float:
+    """The peak rate: ``--lr`` is for the global batch (the seed's meaning); ``--lr_per_256`` scales with it."""
+    return lr if lr_per_256 is None else lr_per_256 * global_batch / 256
+
+
+def describe_lr(lr: float, lr_per_256: float | None, batch_size: int, world_size: int) -> str:
+    """The start-up line on the learning rate, saying plainly when --lr is far from the linear-scaling rule
+    (Goyal et al. 2017: 0.1 per 256 images), e.g. the seed's 4-GPU command trains a 1024 batch at 0.1."""
+    global_batch = batch_size * world_size
+    head = f"global batch {global_batch} ({world_size} process(es) x {batch_size}); "
+    if lr_per_256 is not None:
+        return head + f"peak lr {peak_lr(lr, lr_per_256, global_batch):.4g} (--lr_per_256 {lr_per_256} x {global_batch}/256)"
+    rule = 0.1 * global_batch / 256
+    note = "" if math.isclose(lr, rule, rel_tol=0.01) else (
+        f"; the linear-scaling rule would give {rule:.4g} (--lr_per_256 0.1): --lr {lr} is {lr / rule:.2g}x that")
+    return head + f"peak lr {lr:.4g} (--lr, for the global batch){note}"

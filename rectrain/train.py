@@ -7,15 +7,13 @@ checkpoint and a metrics row after each epoch and a mid-epoch checkpoint on SIGT
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import itertools
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 
@@ -31,12 +29,14 @@ from rectrain.engine import (LoopSettings, LRSchedule, TrainState, TrainStep, au
                              reduce_eval, train_one_epoch)
 from rectrain.errors import UserError
 from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
-from rectrain.metrics import MetricsWriter, close_logger, setup_rank_logger, write_json_atomic
+from rectrain.metrics import (MetricsWriter, RunPaths, close_logger, closing_lines, setup_rank_logger,
+                              write_json_atomic, write_summary)
+from rectrain.resume import settle_resume
 from rectrain.ema import ModelEma
 from rectrain.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.model import build_model, count_parameters, param_groups
-from rectrain.schedule import ResolutionSchedule
-from rectrain.warmup import batch_shapes, compiled_graphs, warm_up
+from rectrain.schedule import ResolutionSchedule, describe_lr, peak_lr
+from rectrain.warmup import compiled_graphs, plan_shapes, warm_up
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -64,69 +64,6 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     preflight(cfg)
     worker = functools.partial(train_worker, cfg, notes)
     return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
-
-
-# Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume.
-NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "print_freq",
-                 "max_steps"}
-
-
-def settle_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
-    """Which checkpoint a run continues from, and with which settings; returns (config, notes to log).
-
-    - Under torchrun's restarts (``--max-restarts``) a restarted job resumes by itself (``--resume auto``).
-    - On resume the checkpoint's settings are the defaults: ``--resume auto`` alone continues the run as it was,
-      and every flag given now that changes one of them is listed in the log (the machine's settings, such as
-      --workers or --nproc, are never taken from the checkpoint).
-    - ``--resume PATH`` of another run's checkpoint continues into this run's folder only if that folder has no
-      history of its own (its checkpoints and metrics would be overwritten otherwise).
-    """
-    notes = []
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if not cfg.resume and restarts > 0:
-        cfg = dataclasses.replace(cfg, resume="auto")
-        notes.append(f"note: torchrun restart {restarts}: resuming from the newest checkpoint of this run")
-    if not cfg.resume:
-        return cfg, notes
-    paths = RunPaths.of(cfg)
-    if cfg.resume == "auto":
-        found = ckpt_io.find_resumable(paths.ckpt_dir, log=notes.append)
-        if found is None:
-            notes.append(f"note: --resume auto found no checkpoint in {paths.ckpt_dir}: starting from scratch")
-            return dataclasses.replace(cfg, resume=None), notes
-        path, ckpt = found
-    else:
-        if not os.path.isfile(cfg.resume):
-            raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of "
-                            "this run)")
-        path, ckpt = cfg.resume, ckpt_io.load(cfg.resume)
-        _refuse_foreign_resume(path, paths)
-    merged, changed = _merge_settings(ckpt.get("config", {}), cfg, given)
-    merged = dataclasses.replace(merged, resume=path).validate()
-    if changed:
-        notes.append("note: resuming with the checkpoint's settings, except (flags given now): " + "; ".join(changed))
-    return merged, notes
-
-
-def _refuse_foreign_resume(path: str, paths: "RunPaths") -> None:
-    if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(paths.ckpt_dir):
-        return
-    history = [p for p in (paths.ckpt_dir, os.path.join(paths.run_dir, "metrics.jsonl")) if os.path.exists(p)
-               and (not os.path.isdir(p) or any(f.endswith(".pth") for f in os.listdir(p)))]
-    if history:
-        raise UserError(f"--resume {path} is another run's checkpoint, and {paths.run_dir} has a history of its own "
-                        "that continuing here would overwrite: pass a new --run_name for the continued run "
-                        "(nothing was written)")
-
-
-def _merge_settings(saved: dict, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
-    known = {f.name for f in fields(TrainConfig)}
-    base = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known and k not in NOT_INHERITED})
-    keep_now = given | NOT_INHERITED
-    merged = dataclasses.replace(base, **{k: getattr(cfg, k) for k in keep_now})
-    changed = [f"--{k} {getattr(base, k)} -> {getattr(merged, k)}" for k in sorted(given - NOT_INHERITED)
-               if k in saved and getattr(base, k) != getattr(merged, k)]
-    return merged, changed
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -157,20 +94,8 @@ def preflight(cfg: TrainConfig) -> None:
         raise UserError(f"cannot write to --output {cfg.output} ({e.strerror}); choose a writable folder") from None
 
 
-@dataclass
-class RunPaths:
-    run_dir: str
-    ckpt_dir: str
-    log_dir: str
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> "RunPaths":
-        run_dir = os.path.join(cfg.output, cfg.run_name)
-        return cls(run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "logs"))
-
-
 def train_worker(cfg: TrainConfig, notes: list[str], info: DistInfo) -> int:
-    paths = RunPaths.of(cfg)
+    paths = RunPaths.of(cfg.output, cfg.run_name)
     logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
     for note in notes:
         logger.info(note)
@@ -307,25 +232,15 @@ class Trainer:
             self.eval_model = torch.compile(self.model, dynamic=False, mode=mode)
 
     def plan_shapes(self) -> None:
-        """Every batch shape of the run. Training: all ranks' (every rank warms the same list, so DDP's collectives
-        match); the sizes depend only on bucket counts, so any epoch tells. Validation: this rank's, padded to
-        full batches on CUDA or with --compile (one shape per bucket, not two)."""
-        cfg = self.cfg
-        batches = self.loaders.train_sampler.global_batches(self.state.epoch)
-        ids = self.loaders.train_set.bucket_ids
-        tables = {self.resolution(e): self.loaders.train_set.shapes_at(e) for e in range(self.state.epoch, cfg.epochs)}
-        self.train_shapes = sorted({s for t in tables.values() for s in batch_shapes(batches, ids, t)},
-                                   key=lambda s: (-s[0] * s[1] * s[2], s))
+        """Every batch shape of the run, for the warm-up (see ``rectrain.warmup.plan_shapes``)."""
+        cfg, loaders = self.cfg, self.loaders
         self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or cfg.compile or cfg.cuda_graphs) else None
-        val = self.loaders.val
-        if val is None:
-            self.val_shapes = []
-            return
-        batches = val.batch_sampler
-        if self.val_pad:
-            batches = [[b[0]] * self.val_pad for b in batches]
-        self.val_shapes = batch_shapes([[i for i, _ in b] for b in batches], self.loaders.val_set.bucket_ids,
-                                       self.val_buckets.shapes)
+        tables = [loaders.train_set.shapes_at(e) for e in range(self.state.epoch, cfg.epochs)]
+        val = None if loaders.val is None else ([[i for i, _ in b] for b in loaders.val.batch_sampler],
+                                                loaders.val_set.bucket_ids, self.val_buckets.shapes)
+        self.train_shapes, self.val_shapes = plan_shapes(
+            loaders.train_sampler.global_batches(self.state.epoch), loaders.train_set.bucket_ids, tables, val,
+            self.val_pad)
 
     def warm_up(self) -> float:
         """Run every shape once before the first epoch (cudnn autotuning, compilation); 0 when there is nothing
@@ -347,28 +262,11 @@ class Trainer:
 
     def build_step(self) -> TrainStep:
         cfg, spe = self.cfg, self.steps_per_epoch
-        schedule = LRSchedule(self.peak_lr, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
+        peak = peak_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size * self.info.world_size)
+        schedule = LRSchedule(peak, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
                               min_lr=cfg.min_lr)
         return TrainStep(self.train_model, self.optimizer, self.scaler, DeviceNormalize(self.device), self.augment,
                          self.autocast, schedule, cfg.label_smoothing, self.channels_last, ema=self.ema)
-
-    @property
-    def peak_lr(self) -> float:
-        """--lr is the rate for the global batch (the seed's meaning); --lr_per_256 scales with it."""
-        if self.cfg.lr_per_256 is not None:
-            return self.cfg.lr_per_256 * self.cfg.batch_size * self.info.world_size / 256
-        return self.cfg.lr
-
-    def describe_lr(self) -> str:
-        cfg, global_batch = self.cfg, self.cfg.batch_size * self.info.world_size
-        head = f"global batch {global_batch} ({self.info.world_size} process(es) x {cfg.batch_size}); "
-        if cfg.lr_per_256 is not None:
-            return head + f"peak lr {self.peak_lr:.4g} (--lr_per_256 {cfg.lr_per_256} x {global_batch}/256)"
-        rule = 0.1 * global_batch / 256
-        note = "" if math.isclose(cfg.lr, rule, rel_tol=0.01) else (
-            f"; the linear-scaling rule would give {rule:.4g} (--lr_per_256 0.1): --lr {cfg.lr} is "
-            f"{cfg.lr / rule:.2g}x that")
-        return head + f"peak lr {cfg.lr:.4g} (--lr, for the global batch){note}"
 
     def build_checkpointer(self) -> Checkpointer:
         parts = Stateful(self.model, self.optimizer, self.scaler, self.augment, self.failures, self.ema)
@@ -389,7 +287,7 @@ class Trainer:
             self.checkpointer.restore(*found, self.state)
         self.plan_shapes()
         self.wrap_model()
-        self.log(self.describe_lr())
+        self.log(describe_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size, info.world_size))
         metrics = on_primary(self._open_metrics, "writing config.json and the metrics files", self.log)
         self.train_step = self.build_step()
         self.loop = LoopSettings(steps_per_epoch=self.steps_per_epoch, print_freq=cfg.print_freq,
@@ -522,26 +420,8 @@ class Trainer:
                     f"{self.cfg.epochs}", unit="batch", dynamic_ncols=True, leave=False)
 
     def _summary(self, metrics: MetricsWriter, total_s: float) -> None:
-        rows = metrics.rows
-        vals = [r for r in rows if r.get("val_acc1") is not None]
-        best = max(vals, key=lambda r: r["val_acc1"]) if vals else None
-        ips = [r["images_per_sec"] for r in rows if r.get("images_per_sec")]
-        summary = {
-            "epochs": len(rows), "steps": self.state.step,
-            "best_acc1": best["val_acc1"] if best else None, "best_acc5": best["val_acc5"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "final_acc1": vals[-1]["val_acc1"] if vals else None, "final_acc5": vals[-1]["val_acc5"] if vals else None,
-            "total_time_s": total_s, "mean_images_per_sec": sum(ips) / len(ips) if ips else None,
-            "warmup_s": sum(r.get("warmup_s") or 0.0 for r in rows),
-            "world_size": self.info.world_size, "global_batch": self.cfg.batch_size * self.info.world_size,
-            "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu",
-        }
-        write_json_atomic(os.path.join(self.paths.run_dir, "summary.json"), summary)
-        p = self.paths
-        best = (f"best top-1 {summary['best_acc1']:.2f}% (epoch {summary['best_epoch']})" if best else
-                "no validation (no val/ folder or --val_every beyond the run)")
-        self.log(f"done in {total_s:.0f} s: {best}\n"
-                 f"  checkpoints: {p.ckpt_dir}\n  logs:        {p.log_dir}\n"
-                 f"  metrics:     {os.path.join(p.run_dir, 'metrics.csv')} (and metrics.jsonl, steps.jsonl)\n"
-                 f"  plot:        {os.path.join(p.run_dir, 'curves.png')}\n"
-                 f"  summary:     {os.path.join(p.run_dir, 'summary.json')}")
+        run = {"steps": self.state.step, "world_size": self.info.world_size,
+               "global_batch": self.cfg.batch_size * self.info.world_size,
+               "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"}
+        summary = write_summary(self.paths, metrics.rows, total_s, run)
+        self.log(closing_lines(self.paths, summary))

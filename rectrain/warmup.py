@@ -27,6 +27,26 @@ def batch_shapes(batches, bucket_ids: np.ndarray, table: np.ndarray) -> list[Sha
     return sorted(seen, key=lambda s: (-s[0] * s[1] * s[2], s))
 
 
+def plan_shapes(train_batches, train_ids: np.ndarray, train_tables: list[np.ndarray], val, val_pad: int | None
+                ) -> tuple[list[Shape], list[Shape]]:
+    """(training shapes, validation shapes) a run will use.
+
+    Training: ``train_batches`` are all ranks' batches of one epoch (every rank warms the same list, so DDP's
+    collectives match; batch sizes depend only on bucket counts, so any epoch tells), in each of the epochs'
+    shape ``train_tables`` (one per resolution with --res_schedule). Validation: ``val`` is None or (this rank's
+    batches, bucket ids, shape table); with ``val_pad`` every batch counts as full (one shape per bucket).
+    """
+    train = {s for table in {t.tobytes(): t for t in train_tables}.values()
+             for s in batch_shapes(train_batches, train_ids, table)}
+    train = sorted(train, key=lambda s: (-s[0] * s[1] * s[2], s))
+    if val is None:
+        return train, []
+    batches, ids, table = val
+    if val_pad:
+        batches = [[b[0]] * val_pad for b in batches if len(b)]
+    return train, batch_shapes(batches, ids, table)
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process so far (0 without compile)."""
     try:

@@ -281,7 +281,7 @@ def test_a_shape_the_warm_up_missed_is_reported_as_a_recompile(data_dir, tmp_pat
     import torch._dynamo
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
-    monkeypatch.setattr(train_mod, "batch_shapes", lambda *a: [])  # a warm-up that foresees nothing
+    monkeypatch.setattr(train_mod, "plan_shapes", lambda *a: ([], []))  # a warm-up that foresees nothing
     torch._dynamo.reset()
     assert run(data_dir, tmp_path, "--epochs", "1", "--compile", "--max_ratio", "1.0", name="miss") == 0
     assert "new graph(s) after the warm-up" in (tmp_path / "miss/logs/rank0.log").read_text()

@@ -32,7 +32,7 @@ from rectrain.bench.common import describe_machine, device_of, emit, machine, pe
 from rectrain.config import TrainConfig, add_arguments as add_train_arguments, resolve_config
 from rectrain.distributed import launch
 from rectrain.errors import UserError
-from rectrain.metrics import close_logger, setup_rank_logger
+from rectrain.metrics import RunPaths, close_logger, setup_rank_logger
 
 HELP = "the real training loop from an image folder for K steps after the warm-up: images/s, data wait, memory"
 
@@ -95,7 +95,7 @@ def run_trainer(cfg: TrainConfig):
     holder = {}
 
     def worker(info) -> int:
-        paths = train_mod.RunPaths.of(cfg)
+        paths = RunPaths.of(cfg.output, cfg.run_name)
         logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
         try:
             holder["trainer"] = train_mod.Trainer(cfg, info, paths, logger)
