@@ -31,6 +31,7 @@ from rectrain.engine import autocast_factory, evaluate, reduce_eval
 from rectrain.errors import UserError
 from rectrain.loader import DeviceNormalize, build_val_loader, cap_workers
 from rectrain.model import ResNet, build_model
+from rectrain.schedule import validation_size
 
 TTA_MODES = ("flip",)
 JSON_DECIMALS = 6  # floats in --json output: percentages to 1e-6 points, losses to 1e-6 nats
@@ -102,8 +103,10 @@ def _ema_weights(ckpt: dict, path: str) -> dict:
 
 
 def inference_buckets(cfg: dict, target_size: int | None = None, square: bool = False) -> BucketTable:
-    """The run's validation buckets (or one square bucket); ``target_size`` overrides the run's."""
-    size = target_size or cfg.get("target_size", 224)
+    """The run's validation buckets (or one square bucket); ``target_size`` overrides the size the run validated at
+    (its --val_target_size, else its last training resolution)."""
+    size = target_size or validation_size(cfg.get("target_size", 224), cfg.get("res_schedule"),
+                                          cfg.get("val_target_size"))
     try:
         if square:  # one 1:1 bucket: every image's largest centred square, then val_crop of it
             return make_buckets(size, "short_side", 1.0, per_side=0)

@@ -146,3 +146,13 @@ def describe_lr(lr: float, lr_per_256: float | None, batch_size: int, world_size
     note = "" if math.isclose(lr, rule, rel_tol=0.01) else (
         f"; the linear-scaling rule would give {rule:.4g} (--lr_per_256 0.1): --lr {lr} is {lr / rule:.2g}x that")
     return head + f"peak lr {lr:.4g} (--lr, for the global batch){note}"
+
+
+def final_size(target_size: int, res_schedule: str | None) -> int:
+    """The last training resolution: the schedule's END, else --target_size."""
+    return ResolutionSchedule.parse(res_schedule).end if res_schedule else target_size
+
+
+def validation_size(target_size: int, res_schedule: str | None, val_target_size: int | None) -> int:
+    """The resolution a run validates at: --val_target_size, else the last training resolution."""
+    return val_target_size or final_size(target_size, res_schedule)

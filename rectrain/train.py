@@ -35,7 +35,7 @@ from rectrain.resume import settle_resume
 from rectrain.ema import ModelEma
 from rectrain.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.model import build_model, count_parameters, param_groups
-from rectrain.schedule import ResolutionSchedule, describe_lr, peak_lr
+from rectrain.schedule import ResolutionSchedule, describe_lr, final_size, peak_lr, validation_size
 from rectrain.warmup import compiled_graphs, plan_shapes, warm_up
 
 
@@ -171,9 +171,9 @@ class Trainer:
         --val_target_size (default: the final training size)."""
         cfg = self.cfg
         self.res_schedule = ResolutionSchedule.parse(cfg.res_schedule) if cfg.res_schedule else None
-        final = self.res_schedule.end if self.res_schedule else cfg.target_size
-        self.buckets = make_buckets(final, cfg.rect_mode, cfg.max_ratio)
-        self.val_buckets = make_buckets(cfg.val_target_size or final, cfg.rect_mode, cfg.max_ratio)
+        self.buckets = make_buckets(final_size(cfg.target_size, cfg.res_schedule), cfg.rect_mode, cfg.max_ratio)
+        self.val_buckets = make_buckets(validation_size(cfg.target_size, cfg.res_schedule, cfg.val_target_size),
+                                        cfg.rect_mode, cfg.max_ratio)
         self.epoch_shapes = None
         if self.res_schedule is not None:
             self.epoch_shapes = [self.buckets.scaled(self.resolution(e)) for e in range(cfg.epochs)]

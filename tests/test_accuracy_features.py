@@ -133,3 +133,13 @@ def test_fine_tuning_from_another_class_count_reinitialises_only_fc(data_dir, tm
     assert run(str(other), tmp_path, "--epochs", "1", "--initial_checkpoint",
                str(tmp_path / "source/checkpoints/last.pth"), name="tuned") == 0
     assert "fc is re-initialised" in log_of(tmp_path, "tuned")
+
+
+def test_eval_of_a_checkpoint_validates_at_the_size_the_run_did(data_dir, tmp_path, capsys):
+    assert run(data_dir, tmp_path, "--epochs", "1", "--val_target_size", "64", name="val64") == 0
+    row = rows_of(tmp_path, "val64")[0]
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "val64/checkpoints/last.pth"), "--device", "cpu",
+                     "--workers", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["val_acc1"] == pytest.approx(row["val_acc1"]) and res["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
