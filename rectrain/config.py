@@ -80,6 +80,10 @@ class TrainConfig:
                                   "the main process decodes each batch with torchvision's nvJPEG and crops on the GPU; "
                                   "needs torchvision with CUDA) or auto (gpu where available, else cpu)",
                      choices=["auto", "cpu", "gpu"])
+    val_crop: float = _f(DATA, 0.875, "validation centre crop: the fraction of each side of the image's largest box "
+                                      "of its bucket's ratio that is kept (0.875: resize to target/0.875, crop the "
+                                      "target, as the standard protocol; 1.0: the whole box, e.g. after --train_crop "
+                                      "resize)")
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
     # --- model ---
@@ -203,6 +207,7 @@ RULES: dict[str, tuple] = {
     "dist_port": _PORT, "dist_timeout": _POSITIVE, "output": _NOT_EMPTY, "run_name": _NOT_EMPTY,
     "keep_checkpoints": _NOT_NEGATIVE, "val_every": _AT_LEAST_1, "print_freq": _AT_LEAST_1,
     "hflip": (lambda v: 0 <= v <= 1, "a probability in [0, 1] (0: never flip)"),
+    "val_crop": (lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.875"),
     "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,

@@ -211,7 +211,8 @@ def _eval_worker(args, data_dir: str, info: DistInfo) -> int:
     device = torch.device(info.device)
     cuda = device.type == "cuda"
     loader, _ = build_val_loader(scan, buckets, batch_size=batch_size, workers=workers, rank=info.rank,
-                                 world_size=info.world_size, pin_memory=cuda, decoder=cfg.get("decoder", "auto"))
+                                 world_size=info.world_size, pin_memory=cuda, decoder=cfg.get("decoder", "auto"),
+                                 val_crop=cfg.get("val_crop", 0.875))
     channels_last = cuda and cfg.get("channels_last", True)
     model = r.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = DeviceNormalize(device)

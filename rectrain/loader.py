@@ -167,7 +167,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
                   val_batch_size: int, workers: int, seed: int, rank: int, world_size: int,
                   crop_scale=(0.08, 1.0), pin_memory: bool = False, decoder: str = "auto", hflip: float = 0.5,
                   crop: str = "random", epoch_shapes: list[np.ndarray] | None = None,
-                  val_buckets: BucketTable | None = None, decode: str = "cpu") -> Loaders:
+                  val_buckets: BucketTable | None = None, decode: str = "cpu", val_crop: float = 0.875) -> Loaders:
     """``buckets`` group the training images (and give their shapes unless ``epoch_shapes`` has a table per
     epoch); validation crops to ``val_buckets`` (default: ``buckets``). ``decode="gpu"``: workers read the file
     bytes and the crop geometry only (``rectrain.gpu_decode``); batches are then decoded on the device."""
@@ -185,7 +185,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, val_buckets or buckets, batch_size=val_batch_size, workers=workers,
                                         rank=rank, world_size=world_size, pin_memory=pin_memory, decoder=decoder,
-                                        decode=decode)
+                                        decode=decode, val_crop=val_crop)
     return Loaders(train, val, sampler, train_set, val_set, stream)
 
 
@@ -208,10 +208,11 @@ def _loader_kw(workers: int, pin_memory: bool, decode: str = "cpu") -> dict:
 
 
 def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: int, workers: int, rank: int,
-                     world_size: int, pin_memory: bool = False, decoder: str = "auto", decode: str = "cpu"):
+                     world_size: int, pin_memory: bool = False, decoder: str = "auto", decode: str = "cpu",
+                     val_crop: float = 0.875):
     """Deterministic centre crops, batches grouped by bucket, every image once across ranks."""
-    val_set = BucketDataset(val_scan, buckets, _for_decode(RectangularCropTfm(train=False, decoder=decoder), decode),
-                            seed=0)
+    tfm = RectangularCropTfm(train=False, val_crop=val_crop, decoder=decoder)
+    val_set = BucketDataset(val_scan, buckets, _for_decode(tfm, decode), seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, batch_size, num_replicas=world_size, rank=rank)
     keyed = [[(int(i), 0) for i in b] for b in vs]
     loader = torch.utils.data.DataLoader(val_set, batch_sampler=keyed, **_loader_kw(workers, pin_memory, decode))

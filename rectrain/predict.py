@@ -155,7 +155,7 @@ def predict_files(restored, files: list[str], *, topk: int = 5, batch_size: int 
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     ids = buckets.assign(sizes)
     dataset = _Crops(readable, sizes, buckets.shapes[ids],
-                     RectangularCropTfm(train=False, decoder=cfg.get("decoder", "auto")))
+                     RectangularCropTfm(train=False, val_crop=cfg.get("val_crop", 0.875), decoder=cfg.get("decoder", "auto")))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=bucket_batches(ids, batch_size), num_workers=workers,
                                          collate_fn=_collate)
     dev = torch.device(device)

@@ -156,7 +156,7 @@ class Trainer:
                                      seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                      crop_scale=cfg.crop_scale, pin_memory=self.is_cuda, decoder=cfg.decoder,
                                      hflip=cfg.hflip, crop=cfg.train_crop, epoch_shapes=self.epoch_shapes,
-                                     val_buckets=self.val_buckets, decode=self.decode)
+                                     val_buckets=self.val_buckets, decode=self.decode, val_crop=cfg.val_crop)
         self.gpu_decoder = (GpuBatchDecoder(self.device, cpu_decoder=cfg.decoder, log=self.log)
                             if self.decode == "gpu" else None)
         self.steps_per_epoch = len(self.loaders.train_sampler)

@@ -143,3 +143,19 @@ def test_eval_of_a_checkpoint_validates_at_the_size_the_run_did(data_dir, tmp_pa
                      "--workers", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["val_acc1"] == pytest.approx(row["val_acc1"]) and res["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+def test_val_crop_one_validates_on_the_whole_box_and_eval_follows_the_run(data_dir, tmp_path, capsys):
+    assert run(data_dir, tmp_path, "--epochs", "1", "--val_crop", "1.0", "--train_crop", "resize", name="whole") == 0
+    row = rows_of(tmp_path, "whole")[0]
+    ckpt = str(tmp_path / "whole/checkpoints/last.pth")
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--workers", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+    from rectrain.loader import build_val_loader
+    scan = scan_split(data_dir, "val", classes=load_ckpt(ckpt)["classes"])
+    crops = [build_val_loader(scan, make_buckets(32, "short_side", 1.5), batch_size=15, workers=0, rank=0,
+                              world_size=1, val_crop=v)[0] for v in (1.0, 0.875)]
+    whole, centre = (next(iter(c))[0].float() for c in crops)
+    assert not torch.equal(whole, centre)  # the setting reaches the crop
