@@ -15,6 +15,7 @@
 #   7. model          the model step alone (`rectrain bench model`): fused vs foreach SGD, MFU
 #   8. ablation       the seed's Speed Comparison table (`rectrain bench ablation`); finished rows survive a timeout
 #   9. summary        summary.json, the tables, and the headline ratios, printed last
+# Extras, run only when ONLY names them: check (`rectrain check` at this batch), gpu_decode (nvJPEG vs workers).
 # Knobs (environment): BUDGET (seconds, default 390 of the 420), ONLY (the steps to run, e.g. ONLY="data ablation"
 # for a second call when the first ran out of time), OURS (extra `rectrain train` flags for steps 4 and 6, e.g.
 # "--compile" or "--decode gpu"), STEPS/SKIP (timed/untimed steps of 4-6), ROWS (ablation rows), PY (python).
@@ -104,6 +105,12 @@ e2e short_side
 step model 60 "$RES/model.json" "$PY" -m rectrain bench model $BENCH_MODEL --json
 step ablation 600 "$RES/ablation.json" "$PY" -m rectrain bench ablation --data_dir "$DATA" --batch_size $BATCH \
     --workers "$W" $ABL --rows "$ROWS" --partial "$RES/ablation_rows.jsonl" --json
+
+# Extras, not in the default ONLY (a second call: ONLY="data check gpu_decode"): the pre-training checklist at
+# this batch (GPU names, memory probe at the largest bucket), and nvJPEG decode+crop against the CPU workers.
+step check 60 - "$PY" -m rectrain check --data_dir "$DATA" --batch_size $BATCH --workers "$W" \
+    --output "$WORK/check_runs" $MODEL
+step gpu_decode 90 - "$PY" benchmarks/bench_gpu_decode.py --data_dir "$DATA"
 
 echo; echo "=== summary (${SECONDS}s elapsed)"
 "$PY" benchmarks/session_summary.py "$RES" "$OUT/summary.json"
