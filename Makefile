@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rectrain-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test faults clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The fault-injection suite with its long variants (~10 min on 2 cores); rewrites docs/reliability.md.
+faults: setup
+	$(PY) benchmarks/reliability_report.py --soak
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache $(DEMO_DATA) runs_rect_ddp/demo

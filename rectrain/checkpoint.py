@@ -214,6 +214,7 @@ class Checkpointer:
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
             "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "steps_per_epoch": self.steps_per_epoch, "best_acc1": state.best_acc1,
+            "lr_rebased": list(state.lr_rebased) if state.lr_rebased else None,
             "decode_failures": sorted({f for r in ranks for f in r["decode_failures"]}),  # all ranks' (a record)
             "sampler": {"epoch": state.epoch, "start_batch": state.batch_in_epoch, "seed": self.config.get("seed"),
                         "world_size": self.info.world_size, "order_version": ORDER_VERSION},
@@ -288,6 +289,9 @@ class Checkpointer:
         p.failures.load_state_dict([])
         state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         state.best_acc1 = ckpt.get("best_acc1", -1.0)
+        state.lr_rebased = tuple(ckpt["lr_rebased"]) if ckpt.get("lr_rebased") else None
+        groups = ckpt["optimizer"].get("param_groups") or [{}]
+        state.resumed_lr = groups[0].get("lr")
         old_spe = ckpt.get("steps_per_epoch") or self.steps_per_epoch
         if ckpt.get("world_size") == self.info.world_size and old_spe == self.steps_per_epoch:
             self._restore_rank(ckpt["rng"][self.info.rank], state)

@@ -78,7 +78,8 @@ class TrainConfig:
                                                  "FixRes: random-resized-crop training at r validates best near 1.15r")
     decode: str = _f(DATA, "cpu", "where JPEGs are decoded: cpu (DataLoader workers), gpu (workers only read the files; "
                                   "the main process decodes each batch with torchvision's nvJPEG and crops on the GPU; "
-                                  "needs torchvision with CUDA) or auto (gpu where available, else cpu)",
+                                  "needs torchvision with CUDA) or auto (gpu where available and --workers is under 6, else cpu: "
+                                  "with enough workers the CPU decode overlaps the step and trains faster)",
                      choices=["auto", "cpu", "gpu"])
     val_crop: float = _f(DATA, 0.875, "validation centre crop: the fraction of each side of the image's largest box "
                                       "of its bucket's ratio that is kept (0.875: resize to target/0.875, crop the "

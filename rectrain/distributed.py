@@ -171,8 +171,10 @@ def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -
                              join=False, start_method="spawn")
     procs = ctx.processes
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Forwarded: `kill PID` or `kill -INT PID` reaches only this launcher. When the whole group got it (Ctrl-C in
+    # a terminal, scancel), the ranks get it twice within a moment, which their StopFlag counts as one.
     signal.signal(signal.SIGTERM, lambda signum, frame: _signal_all(procs, signum))
-    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the workers got it too and stop cleanly
+    signal.signal(signal.SIGINT, lambda signum, frame: _signal_all(procs, signum))
     try:
         failed, failed_at = None, 0.0
         while any(p.is_alive() for p in procs):
@@ -249,7 +251,12 @@ def _run_worker(worker, device: str, timeout_s: float) -> int:
     if world == 1:
         return worker(DistInfo(device=device))
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     except Exception as e:  # rendezvous failure or timeout: say what to check
         raise UserError(f"rank {rank}/{world}: could not join the process group at "
                         f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({e}); check that every "
@@ -264,6 +271,23 @@ def _run_worker(worker, device: str, timeout_s: float) -> int:
             if finished:  # leave together: a rank closing its connections while a peer still uses them
                 dist.barrier()  # can abort gloo's threads ("terminate called without an active exception")
             dist.destroy_process_group()
+
+
+def _restart_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun, the store of this attempt, or None for torch's own rendezvous.
+
+    torchrun's agent hosts the store on one port for every attempt of a job, and torch (2.13) no longer prefixes
+    the keys by attempt: after ``--max-restarts`` restarts the job, the ranks read the previous attempt's
+    addresses, and gloo fails with "Connection refused" (NCCL would read a stale unique id). Reproduced with a
+    ten-line script and torchrun alone; prefixing the keys by ``TORCHELASTIC_RESTART_COUNT`` fixes it, as torch
+    used to do.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                        timeout=timeout)
+    return dist.PrefixStore(f"/rectrain/attempt_{attempt}", tcp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,12 +376,16 @@ class StopFlag:
     A signal only sets a local flag (``received``), which nothing else ever clears. ``should_stop()`` is
     called once per step by every rank; with several processes it all-reduces (MAX) the local flags on
     the CPU (gloo), so no GPU sync is added, and every rank gets the same answer at the same step. The
-    first signal asks for a clean stop; a second one restores the default handler, so a third kills the
-    process as usual.
+    first signal asks for a clean stop; a second one (a second later or more: the copies a launcher forwards
+    and a process group receives arrive together and count once) stops at once, without a checkpoint, as if no
+    handler were installed.
     """
+
+    REPEAT_S = 1.0  # a second signal sooner than this is the same stop (forwarded by a launcher and sent to the group)
 
     def __init__(self):
         self.received = 0  # set by the handler only
+        self._first_at = 0.0
         self.agreed = 0    # the last answer of should_stop(), the same on every rank
         self.error: UserError | None = None  # this rank's pending failure (fail()), raised by every rank together
         self._previous = {}
@@ -382,9 +410,14 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.received:  # second signal: give the user their normal Ctrl-C back
+        now = time.monotonic()
+        if self.received and now - self._first_at >= self.REPEAT_S:  # a second stop: the default action, now
             self.uninstall()
-        self.received = signum
+            signal.raise_signal(signum)  # SIGTERM kills; SIGINT raises KeyboardInterrupt (Python's own handler)
+            return
+        if not self.received:
+            self._first_at = now
+        self.received = self.received or signum
 
     def fail(self, error: UserError) -> None:
         """Record a failure of this rank (e.g. too many undecodable images): at the next ``should_stop()``

@@ -13,6 +13,8 @@ sum and the first non-finite step stay on the device in between.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # running sums of the current epoch (for its train_loss), this rank
     epoch_images: int = 0
     best_acc1: float = -1.0
+    lr_rebased: tuple[int, float] | None = None  # LRSchedule.rebased, when a resume changed the schedule
+    resumed_lr: float | None = None              # the rate the resumed checkpoint applied last (not saved)
     warned_data_wait: bool = False
 
 
@@ -56,15 +60,34 @@ def autocast_factory(device: str, amp_dtype: torch.dtype | None):
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Warm-up + cosine over the whole run, as a function of the optimizer step (rectrain.schedule.lr_at)."""
+    """Warm-up + cosine over the whole run, as a function of the optimizer step (rectrain.schedule.lr_at).
+
+    ``rebased``: (step, lr) where a resumed run changed the schedule (another --epochs, --lr, ...): from that step
+    on, a cosine from that lr down to ``min_lr`` at the last step, so the rate never jumps and still ends at its
+    minimum. Saved in checkpoints, so a later resume continues the same curve exactly.
+    """
 
     base_lr: float      # peak rate for the global batch
     total_steps: int
     warmup_steps: int
     min_lr: float = 0.0
+    rebased: tuple[int, float] | None = None
 
     def __call__(self, step: int) -> float:
-        return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
+        if self.rebased is None or step < self.rebased[0]:
+            return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
+        start, lr = self.rebased
+        return lr_at(step - start, lr, self.total_steps - start, 0, min(self.min_lr, lr))
+
+    def continuing(self, step: int, last_lr: float) -> "LRSchedule":
+        """This schedule, or one rebased so that it continues from ``last_lr``, the rate a checkpoint applied at
+        ``step - 1`` (the same schedule when it agrees, so an unchanged resume stays bit-exact)."""
+        if step <= max(self.warmup_steps, 1) or step >= self.total_steps:
+            return self  # in the warm-up the ramp continues; at the end there is nothing left to plan
+        # fp16: after a skipped last step the applied rate is the one for ``step`` itself
+        if any(math.isclose(self(s), last_lr, rel_tol=1e-9, abs_tol=1e-12) for s in (step - 1, step)):
+            return self
+        return dataclasses.replace(self, rebased=(step - 1, last_lr))
 
 
 class TrainStep:

@@ -9,3 +9,8 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class DataMistake(UserError):
+    """A mistake in the data set that a run finds in its set-up (an empty class folder, a batch larger than the
+    data): like a bad flag, it leaves nothing behind (the run folder it had just created is removed)."""

@@ -54,9 +54,14 @@ from rectrain.transforms import ALPHA_BACKGROUND, DecodeError, RectangularCropTf
 
 __all__ = ["DECODES", "JpegHeader", "read_jpeg_header", "gpu_refusal", "gpu_decode_problem", "resolve_decode",
            "BytesCropTfm", "Encoded", "EncodedBatch", "collate_encoded", "resize_crops", "pil_decode",
-           "GpuBatchDecoder", "decoded"]
+           "GpuBatchDecoder", "decoded", "AUTO_GPU_BELOW_WORKERS"]
 
-DECODES = ("auto", "cpu", "gpu")  # auto: gpu where torchvision can decode JPEGs on this CUDA device, else cpu
+DECODES = ("auto", "cpu", "gpu")  # auto: gpu where torchvision can decode JPEGs here and workers are few, else cpu
+# ``--decode auto`` picks the GPU only below this many workers per GPU. Measured on an H200 (docs/benchmarks.md,
+# 2026-11-27): nvJPEG decodes a batch in the main process in series with the step, ~30 ms per 256 images, so a
+# 55 ms ResNet-50 step trains at ~3,000 images/s with it, while each CPU worker decodes and crops ~500 images/s in
+# parallel with the step (16 workers: 3,750 against 2,608 images/s in training). Six workers already match it.
+AUTO_GPU_BELOW_WORKERS = 6
 MIN_CUDA = (11, 6)  # nvJPEG leaks memory before CUDA 11.6 (pytorch/vision#4378, #5482)
 # Pixels (N x H x W of the padded crop windows) resized in one batched matmul: a float32 buffer of 3 x 4 bytes
 # each, ~400 MB. A batch of 256 ImageNet crops takes one or two chunks; a huge image takes a chunk of its own.
@@ -222,11 +227,12 @@ def gpu_decode_problem(device) -> str | None:
     return None
 
 
-def resolve_decode(decode: str, device) -> str:
-    """``--decode`` -> "cpu" or "gpu". auto: gpu where it is available, else cpu; gpu where it is not: UserError."""
+def resolve_decode(decode: str, device, workers: int | None = None) -> str:
+    """``--decode`` -> "cpu" or "gpu". auto: gpu where it is available and ``workers`` (per GPU) are fewer than
+    ``AUTO_GPU_BELOW_WORKERS``, else cpu; gpu where it is not available: UserError."""
     if decode not in DECODES:
         raise UserError(f"--decode must be one of {', '.join(DECODES)}, got {decode!r}")
-    if decode == "cpu":
+    if decode == "cpu" or (decode == "auto" and workers is not None and workers >= AUTO_GPU_BELOW_WORKERS):
         return "cpu"
     problem = gpu_decode_problem(device)
     if problem is None:

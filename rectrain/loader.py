@@ -13,7 +13,10 @@ and stops the run past ``--max_decode_failures``.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,7 +163,66 @@ class Loaders:
     def epochs(self, first: int, start: int, last: int):
         """One iterator over the training batches of epochs ``first .. last - 1``, from batch ``start`` of the first."""
         self.stream.select(first, start, last)
-        return iter(self.train)
+        return start_workers(self.train)
+
+    def validation(self):
+        """An iterator over this rank's validation batches (the persistent workers are started once)."""
+        return start_workers(self.val)
+
+    def close(self) -> None:
+        """Stop the worker processes now. Called on every way out of a run: workers ignore SIGTERM (the main
+        process decides when to stop), so multiprocessing's exit handler, which SIGTERMs and then joins them, would
+        wait forever for workers whose iterator happened to be still alive (after an exception, or until the garbage
+        collector got to it)."""
+        for loader in (self.train, self.val):
+            shut_down(loader)
+
+
+def start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` with SIGTERM/SIGINT blocked while the workers are forked.
+
+    A scheduler's SIGTERM to the whole process group (scancel, preemption, ``kill -- -PGID``) that lands while
+    workers start would kill a worker that has not yet reached its init function (PyTorch's handler dies of a
+    SIGTERM not sent by the parent) and crash the run. Blocked, not ignored: a signal for the main process stays
+    pending and is delivered when the block ends, so it is never lost; the workers inherit the block, and so never
+    die of a stop signal (they end when the main process stops them, or with it).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_LIVE_LOADERS: "weakref.WeakSet[torch.utils.data.DataLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_all() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler (atexit runs the later-registered first),
+    which SIGTERMs daemonic children and joins them: our workers ignore SIGTERM, so they are stopped here."""
+    for loader in list(_LIVE_LOADERS):
+        shut_down(loader)
+
+
+def _track(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    if loader.num_workers > 0:
+        _LIVE_LOADERS.add(loader)
+    return loader
+
+
+def shut_down(loader: torch.utils.data.DataLoader | None) -> None:
+    """Stop a DataLoader's persistent workers (PyTorch keeps them in ``_iterator`` between epochs)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        workers = list(getattr(it, "_workers", ()))
+        it._shutdown_workers()
+        for w in workers:  # PyTorch's last resort is SIGTERM, which our workers block: a stuck one is killed
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=1)
+    if loader is not None:
+        loader._iterator = None
 
 
 def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: BucketTable, *, batch_size: int,
@@ -180,7 +242,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
         raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {batch_size} "
                         f"for {world_size} process(es); lower --batch_size or add images")
     stream = EpochStream(sampler)
-    train = torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(workers, pin_memory, decode))
+    train = _track(torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(workers, pin_memory, decode)))
     val = val_set = None
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, val_buckets or buckets, batch_size=val_batch_size, workers=workers,
@@ -215,7 +277,7 @@ def build_val_loader(val_scan: SplitScan, buckets: BucketTable, *, batch_size: i
     val_set = BucketDataset(val_scan, buckets, _for_decode(tfm, decode), seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, batch_size, num_replicas=world_size, rank=rank)
     keyed = [[(int(i), 0) for i in b] for b in vs]
-    loader = torch.utils.data.DataLoader(val_set, batch_sampler=keyed, **_loader_kw(workers, pin_memory, decode))
+    loader = _track(torch.utils.data.DataLoader(val_set, batch_sampler=keyed, **_loader_kw(workers, pin_memory, decode)))
     return loader, val_set
 
 

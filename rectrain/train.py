@@ -11,10 +11,12 @@ import functools
 import hashlib
 import itertools
 import os
+import shutil
 import sys
 import time
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 from rectrain import checkpoint as ckpt_io
@@ -27,7 +29,7 @@ from rectrain.distributed import (DistInfo, StopFlag, all_reduce_sum, average_bu
                                   preempted_exit_code, resolve_device)
 from rectrain.engine import (LoopSettings, LRSchedule, TrainState, TrainStep, autocast_factory, evaluate,
                              reduce_eval, train_one_epoch)
-from rectrain.errors import UserError
+from rectrain.errors import DataMistake, UserError
 from rectrain.loader import DecodeFailurePolicy, DeviceNormalize, build_loaders, cap_workers
 from rectrain.metrics import (MetricsWriter, RunPaths, close_logger, closing_lines, setup_rank_logger,
                               write_json_atomic, write_summary)
@@ -61,13 +63,14 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     if given is None:
         given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default}
     cfg, notes = settle_resume(cfg, given)
-    preflight(cfg)
-    worker = functools.partial(train_worker, cfg, notes)
+    fresh = preflight(cfg)
+    worker = functools.partial(train_worker, cfg, notes, fresh)
     return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Everything a user can get wrong that we can see before starting processes."""
+def preflight(cfg: TrainConfig) -> bool:
+    """Everything a user can get wrong that we can see before starting processes; creates the run folder and
+    returns whether it is new (a run that fails in its set-up then removes it again: nothing left behind)."""
     train_dir = os.path.join(cfg.data_dir, "train")
     if not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at a folder holding "
@@ -84,6 +87,7 @@ def preflight(cfg: TrainConfig) -> None:
     if not cfg.resume and os.path.isdir(ckpt_dir) and any(f.endswith(".pth") for f in os.listdir(ckpt_dir)):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
                         "a new --run_name (nothing was overwritten)")
+    fresh = not os.path.exists(run_dir)
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
@@ -92,15 +96,31 @@ def preflight(cfg: TrainConfig) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output {cfg.output} ({e.strerror}); choose a writable folder") from None
+    return fresh
 
 
-def train_worker(cfg: TrainConfig, notes: list[str], info: DistInfo) -> int:
+def check_training_set(train, batch_size: int) -> None:
+    """Data mistakes the scan reveals: an empty class (it would still get an output of the model's head, silently
+    never trained) and a batch larger than the whole training set."""
+    counts = np.bincount(train.index.labels, minlength=len(train.index.classes))
+    empty = [c for c, n in zip(train.index.classes, counts) if n == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataMistake(f"class folder(s) with no usable image in {train.index.split_dir}: {shown}; each would be a "
+                        "class of the model that never trains: remove the folder(s) or add images")
+    if batch_size > len(train.index):
+        raise DataMistake(f"--batch_size {batch_size} is larger than the whole training set ({len(train.index)} usable "
+                        f"images): lower --batch_size to at most {len(train.index)}")
+
+
+def train_worker(cfg: TrainConfig, notes: list[str], fresh: bool, info: DistInfo) -> int:
     paths = RunPaths.of(cfg.output, cfg.run_name)
     logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
     for note in notes:
         logger.info(note)
+    trainer = Trainer(cfg, info, paths, logger)
     try:
-        return Trainer(cfg, info, paths, logger).fit()
+        return trainer.fit()
     except torch.cuda.OutOfMemoryError:
         error = UserError(f"out of GPU memory at --batch_size {cfg.batch_size} (rank {info.rank}): lower --batch_size "
                           f"(e.g. {max(1, cfg.batch_size // 2)}, with --lr halved by the linear-scaling rule) or use "
@@ -109,8 +129,12 @@ def train_worker(cfg: TrainConfig, notes: list[str], info: DistInfo) -> int:
         raise error from None
     except UserError as e:
         logger.error(f"error: {e}")
+        if fresh and isinstance(e, DataMistake) and info.is_primary:
+            close_logger(logger)
+            shutil.rmtree(paths.run_dir, ignore_errors=True)  # a set-up mistake leaves no empty run folder behind
         raise
     finally:
+        trainer.close()
         close_logger(logger)
 
 
@@ -125,6 +149,7 @@ class Trainer:
         self.stop = StopFlag()
         self.graphs_after_warmup, self.warned_recompile = 0, False
         self.logged_resolution = None
+        self.loaders = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _scan(self, split: str, classes=None):
@@ -143,14 +168,15 @@ class Trainer:
             self.log(f"note: {cfg.data_dir} has no val/ folder: training without validation")
         for name, s in (("train", train), ("val", val)):
             if s is not None and s.bad:
-                self.log(f"note: {len(s.bad)} unusable {name} file(s) excluded, e.g. {s.bad[0][0]} ({s.bad[0][1]})")
+                self._log_unusable(name, s.bad)
+        check_training_set(train, cfg.batch_size)
         self.classes = train.index.classes
         self.plan_resolution()
-        self.decode = resolve_decode(cfg.decode, self.device)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         workers, note = cap_workers(cfg.workers, local_world)
         if note and info.is_primary:
             self.log(f"note: {note}")
+        self.decode = resolve_decode(cfg.decode, self.device, workers)
         self.loaders = build_loaders(train, val, self.buckets, batch_size=cfg.batch_size,
                                      val_batch_size=cfg.val_batch_size or cfg.batch_size, workers=workers,
                                      seed=cfg.seed, rank=info.rank, world_size=info.world_size,
@@ -164,6 +190,13 @@ class Trainer:
                  f"{len(self.classes)} classes, {len(self.buckets)} bucket shapes ({self.buckets.describe()}), "
                  f"{self.steps_per_epoch} batches per epoch per process, "
                  f"{workers} worker{'s' if workers != 1 else ''} per process")
+
+    def _log_unusable(self, split: str, bad: list[tuple[str, str]], shown: int = 20) -> None:
+        self.log(f"note: {len(bad)} unusable {split} file(s) excluded:")
+        for path, reason in bad[:shown]:
+            self.log(f"  {path}: {reason}")
+        if len(bad) > shown:
+            self.log(f"  ... and {len(bad) - shown} more: `rectrain scan --data_dir {self.cfg.data_dir}` lists them all")
 
     def plan_resolution(self) -> None:
         """Bucket tables: ``buckets`` group the training images (at the final training size); with
@@ -264,7 +297,14 @@ class Trainer:
         cfg, spe = self.cfg, self.steps_per_epoch
         peak = peak_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size * self.info.world_size)
         schedule = LRSchedule(peak, total_steps=cfg.epochs * spe, warmup_steps=round(cfg.warmup * spe),
-                              min_lr=cfg.min_lr)
+                              min_lr=cfg.min_lr, rebased=self.state.lr_rebased)
+        if self.state.resumed_lr is not None:
+            continued = schedule.continuing(self.state.step, self.state.resumed_lr)
+            if continued is not schedule:
+                self.log(f"note: the learning-rate schedule changed on resume (--epochs, --lr or the batch count): it "
+                         f"continues from {self.state.resumed_lr:.5g} at step {self.state.step} and decays to "
+                         f"--min_lr {cfg.min_lr} by step {schedule.total_steps}")
+                schedule, self.state.lr_rebased = continued, continued.rebased
         return TrainStep(self.train_model, self.optimizer, self.scaler, DeviceNormalize(self.device), self.augment,
                          self.autocast, schedule, cfg.label_smoothing, self.channels_last, ema=self.ema)
 
@@ -275,6 +315,13 @@ class Trainer:
                             keep=self.cfg.keep_checkpoints, log=self.log)
 
     # -- the run ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the DataLoader workers; call it on every way out of ``fit``. They ignore SIGTERM (the main process
+        decides when to stop), so after an error nothing else would, and stopping them can take seconds: an error is
+        logged first."""
+        if self.loaders is not None:
+            self.loaders.close()
+
     def fit(self) -> int:
         cfg, info = self.cfg, self.info
         t0 = time.time()
@@ -336,6 +383,9 @@ class Trainer:
 
     def _epochs(self, metrics: MetricsWriter | None) -> int:
         cfg, state, save = self.cfg, self.state, self.checkpointer.save
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:  # e.g. a requeued job that already got there
+            self.log(f"--max_steps {cfg.max_steps} was already reached (step {state.step}): nothing to train")
+            return 0
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             stats = {}
@@ -399,7 +449,7 @@ class Trainer:
     def _validate(self, epoch: int, model, label: str) -> dict | None:
         """Top-1/top-5/loss over the whole validation set; None when a stop signal arrived (agreed by all ranks)."""
         t = time.perf_counter()
-        sums = evaluate(model, self._on_device(self.loaders.val), DeviceNormalize(self.device), self.autocast, self.stop,
+        sums = evaluate(model, self._on_device(self.loaders.validation()), DeviceNormalize(self.device), self.autocast, self.stop,
                         self.channels_last, pad_to=self.val_pad)
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
             return None

@@ -54,3 +54,21 @@ def test_stop_flag_records_sigterm_and_gives_exit_code():
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_stop_flag_counts_copies_of_one_signal_once_and_a_second_ctrl_c_interrupts(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("rectrain.distributed.time.monotonic", lambda: clock[0])
+    flag = StopFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # forwarded by a launcher and sent to the group: the same stop
+        assert flag.should_stop() == signal.SIGINT
+        clock[0] += StopFlag.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):  # the user presses Ctrl-C again: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs at the next bytecode boundary
+                pass
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

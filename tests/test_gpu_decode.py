@@ -335,6 +335,14 @@ def test_decode_auto_is_cpu_without_gpu_decoding(monkeypatch):
 def test_decode_auto_is_gpu_where_it_is_available(monkeypatch):
     monkeypatch.setattr(gd, "gpu_decode_problem", lambda device: None)
     assert gd.resolve_decode("auto", "cuda") == "gpu"
+    assert gd.resolve_decode("auto", "cuda", workers=gd.AUTO_GPU_BELOW_WORKERS - 1) == "gpu"
+
+
+def test_decode_auto_keeps_the_cpu_workers_when_there_are_enough(monkeypatch):
+    monkeypatch.setattr(gd, "gpu_decode_problem", lambda device: None)
+    assert gd.resolve_decode("auto", "cuda", workers=gd.AUTO_GPU_BELOW_WORKERS) == "cpu"
+    assert gd.resolve_decode("auto", "cuda", workers=16) == "cpu"
+    assert gd.resolve_decode("gpu", "cuda", workers=16) == "gpu"  # asked for by name: the user's choice
 
 
 def test_decode_gpu_on_the_cpu_is_a_user_error_with_the_fix():

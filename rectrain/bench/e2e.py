@@ -97,10 +97,11 @@ def run_trainer(cfg: TrainConfig):
     def worker(info) -> int:
         paths = RunPaths.of(cfg.output, cfg.run_name)
         logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
+        trainer = holder["trainer"] = train_mod.Trainer(cfg, info, paths, logger)
         try:
-            holder["trainer"] = train_mod.Trainer(cfg, info, paths, logger)
-            return holder["trainer"].fit()
+            return trainer.fit()
         finally:
+            trainer.close()
             close_logger(logger)
 
     code = launch(worker, device=cfg.device, nproc=1, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
