@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rectrain.distributed import all_gather_object, broadcast_object
+from rectrain.distributed import all_gather_object, broadcast_object, raise_primary_error
 from rectrain.errors import UserError
 from rectrain.samplers import ORDER_VERSION
 
@@ -240,9 +240,7 @@ class Checkpointer:
             except Exception as e:  # our bug: keep the traceback in the log, but never leave the others waiting
                 self.log(f"error: writing a checkpoint failed:\n{traceback.format_exc()}")
                 error = f"writing a checkpoint failed ({type(e).__name__}: {e}); the previous checkpoint is intact"
-        error = broadcast_object(error)
-        if error:
-            raise CheckpointError(error)
+        raise_primary_error(broadcast_object(error), CheckpointError)
         return path
 
     def _write(self, kind: str, payload: dict, metrics: dict | None) -> str:

@@ -364,10 +364,16 @@ def on_primary(fn, what: str, log=None):
             if log is not None:
                 log(f"error: {what} failed:\n{traceback.format_exc()}")
             error = f"{what} failed: {type(e).__name__}: {e}"
-    error = broadcast_object(error)
-    if error:
-        raise UserError(error)
+    raise_primary_error(broadcast_object(error))
     return result
+
+
+def raise_primary_error(error: str | None, cls: type[UserError] = UserError) -> None:
+    """Raise rank 0's failure (a message every rank received) on this rank, saying where it happened: each rank
+    prints its error, and whichever exits first must not seem to be the one that failed."""
+    if error:
+        primary = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        raise cls(error if primary else f"rank 0 stopped the run: {error}")
 
 
 class StopFlag:
