@@ -18,7 +18,8 @@
 # Extras, run only when ONLY names them: check (`rectrain check` at this batch), gpu_decode (nvJPEG vs workers).
 # Knobs (environment): BUDGET (seconds, default 390 of the 420), ONLY (the steps to run, e.g. ONLY="data ablation"
 # for a second call when the first ran out of time), OURS (extra `rectrain train` flags for steps 4 and 6, e.g.
-# "--compile" or "--decode gpu"), STEPS/SKIP (timed/untimed steps of 4-6), ROWS (ablation rows), PY (python).
+# "--compile" or "--decode gpu"), STEPS/SKIP (timed/untimed steps of 4-6), E2E_CAP (seconds for each of 4 and 6,
+# default 120; --compile's warm-up of 9 shapes needs ~300 of them), ROWS (ablation rows), PY (python).
 set -u -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/rectrain_out}
@@ -95,7 +96,7 @@ step gpu_tests 90 "$RES/tests.log" "$PY" -c "$GPU_TESTS"
 step data 90 - "$PY" -m rectrain synth --out "$DATA" --classes $CLASSES --train_per_class $PER_CLASS \
     --val_per_class $VAL --kind imagenet --workers "$W"
 e2e() {  # MODE: ours end to end, JSON to e2e_MODE.json
-    step "e2e_$1" 120 "$RES/e2e_$1.json" "$PY" -m rectrain bench e2e --data_dir "$DATA" --rect_mode "$1" \
+    step "e2e_$1" "${E2E_CAP:-120}" "$RES/e2e_$1.json" "$PY" -m rectrain bench e2e --data_dir "$DATA" --rect_mode "$1" \
         --batch_size $BATCH --workers "$W" --steps "$STEPS" --skip "$SKIP" --interval $INTERVAL $MODEL $OURS --json
 }
 e2e area
