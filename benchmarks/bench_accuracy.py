@@ -152,14 +152,24 @@ def train_argv(recipe: Recipe, s: Settings, seed: int, data_dir: str, out: str) 
     return rectrain_argv(s, "train") + train_flags(recipe, s, seed, data_dir, out)
 
 
+RECORD = "bench_run.json"  # a finished run's result, beside its outputs
+
+
+def recorded(record: str, field: str, value) -> dict | None:
+    """The result saved in ``record`` when its ``field`` equals ``value`` (the same run), else None."""
+    if not os.path.isfile(record):
+        return None
+    with open(record) as fh:
+        done = json.load(fh)
+    return done if done.get(field) == value else None
+
+
 def run_train(argv: list[str], run_dir: str, fresh: bool) -> dict:
     """Train (or reuse a finished run of the same command) -> final top-1 raw and EMA, seconds."""
-    record = os.path.join(run_dir, "bench_run.json")
-    if not fresh and os.path.isfile(record):
-        with open(record) as fh:
-            done = json.load(fh)
-        if done.get("argv") == argv:
-            return done
+    record = os.path.join(run_dir, RECORD)
+    done = None if fresh else recorded(record, "argv", argv)
+    if done is not None:
+        return done
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # a stale or different run of this name
     t0, cpu0 = time.perf_counter(), children_cpu_s()
@@ -293,12 +303,10 @@ def run_plain(data_dir: str, s: Settings, seed: int, run_dir: str, fresh: bool) 
     """``plain_loop``, or its recorded result for the same settings and data."""
     key = {"data_dir": data_dir, "seed": seed, **dataclasses.asdict(s)}
     del key["seeds"], key["fixres_sizes"]  # not part of one run
-    record = os.path.join(run_dir, "bench_run.json")
-    if not fresh and os.path.isfile(record):
-        with open(record) as fh:
-            done = json.load(fh)
-        if done.get("key") == key:
-            return done
+    record = os.path.join(run_dir, RECORD)
+    done = None if fresh else recorded(record, "key", key)
+    if done is not None:
+        return done
     with torch_threads(s.threads):
         done = {"key": key, "argv": None, **plain_loop(data_dir, s, seed)}
     os.makedirs(run_dir, exist_ok=True)
@@ -423,7 +431,7 @@ def with_extra_views(r: dict, recipe: Recipe, run_dir: str, val: SplitScan, s: S
     if missing:
         with torch_threads(s.threads):
             r.update({k: f() for k, f in missing.items()})
-        with open(os.path.join(run_dir, "bench_run.json"), "w") as fh:
+        with open(os.path.join(run_dir, RECORD), "w") as fh:
             json.dump(r, fh)
     return r
 
