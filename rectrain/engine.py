@@ -146,6 +146,7 @@ class LoopSettings:
     log: Callable[[str], None]  # rank-aware logger
     max_steps: int | None = None
     on_interval: Callable[[dict], None] | None = None  # rank 0: one row per print interval (metrics)
+    rank: int = 0
 
 
 def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: StopFlag, loop: LoopSettings,
@@ -183,12 +184,16 @@ def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: Stop
 
         if state.batch_in_epoch % loop.print_freq == 0 or state.batch_in_epoch == loop.steps_per_epoch:
             # The only device->host reads of the loop: once per print interval. Every rank reaches this at the
-            # same batch, and the MIN over ranks makes them all stop naming the same step.
-            first_bad = int(all_reduce_min(bad_step.clone()).item())
-            if first_bad != NO_STEP:
+            # same batch, and the MIN over ranks of step * world + rank makes them all stop naming the same step
+            # and the rank it went bad on (whichever rank exits first, its message names the right one).
+            world = loop.world_size
+            first = int(all_reduce_min(torch.where(bad_step == NO_STEP, bad_step, bad_step * world + loop.rank)).item())
+            if first != NO_STEP:
+                where = f" on rank {first % world}" if world > 1 else ""
                 raise NonFiniteLoss(
-                    f"the loss became non-finite at step {first_bad} (epoch {state.epoch + 1}); the last good "
-                    "checkpoint is kept. Lower --lr (e.g. half) or --weight_decay (e.g. 5e-5), or try --amp_dtype bf16")
+                    f"the loss became non-finite at step {first // world}{where} (epoch {state.epoch + 1}); the last "
+                    "good checkpoint is kept. Lower --lr (e.g. half) or --weight_decay (e.g. 5e-5), or try --amp_dtype "
+                    "bf16")
             elapsed = t_last - interval_start
             row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / loop.steps_per_epoch,
                    "lr": train_step.optimizer.param_groups[0]["lr"],

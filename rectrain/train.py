@@ -341,7 +341,8 @@ class Trainer:
         self.train_step = self.build_step()
         self.loop = LoopSettings(steps_per_epoch=self.steps_per_epoch, print_freq=cfg.print_freq,
                                  world_size=info.world_size, log=self.log, max_steps=cfg.max_steps,
-                                 on_interval=metrics.add_interval if metrics is not None else None)
+                                 on_interval=metrics.add_interval if metrics is not None else None,
+                                 rank=info.rank)
         self.stop.install()
         try:
             # Workers start decoding the first batches while the warm-up autotunes and compiles.
