@@ -17,13 +17,14 @@ import time
 import numpy as np
 import torch
 
-from rectrain.arscan import scan_split
-from rectrain.augment import AugmentationConfig, BatchAugment, apply_augmentations
-from rectrain.buckets import make_buckets
-from rectrain.loader import DeviceNormalize, build_loaders
-from rectrain.losses import augmented_loss, mixup_criterion
-from rectrain.samplers import AspectRatioBatchSampler, DistributedBatchSampler
-from rectrain.transforms import RectangularCropTfm
+from rectrain.data.buckets import make_buckets
+from rectrain.data.loader import LoaderSettings, build_loaders
+from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler
+from rectrain.data.scan import scan_split
+from rectrain.data.transforms import RectangularCropTfm
+from rectrain.training.augment import AugmentationConfig, BatchAugment, apply_augmentations
+from rectrain.training.losses import augmented_loss, mixup_criterion
+from rectrain.training.step import DeviceNormalize
 
 __all__ = ["AugmentationConfig", "apply_augmentations", "mixup_criterion", "RectangularCropTfm",
            "AspectRatioBatchSampler", "DistributedBatchSampler", "sort_ar", "map_idx2ar"]
@@ -53,7 +54,7 @@ def map_idx2ar(sorted_idxar: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def self_test() -> int:
-    from rectrain.synth import make_synthetic
+    from rectrain.data.synth import make_synthetic
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +73,7 @@ def self_test() -> int:
         for k, (h, w) in enumerate(buckets.shapes):
             if (ids == k).any():
                 print(f"  {h:4d} x {w:<4d} {int((ids == k).sum()):4d}")
-        loaders = build_loaders(scan, None, buckets, batch_size=8, val_batch_size=8, workers=0, seed=0,
-                                rank=0, world_size=1)
+        loaders = build_loaders(scan, None, buckets, LoaderSettings(batch_size=8, workers=0, seed=0))
         normalize = DeviceNormalize("cpu")
         augment = BatchAugment(AugmentationConfig(batch_aug_prob=1.0), seed=0)
         shapes = set()

@@ -48,12 +48,12 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-from rectrain.arscan import SplitScan, scan_split  # noqa: E402
-from rectrain.buckets import make_buckets  # noqa: E402
-from rectrain.evaluate import restore  # noqa: E402
+from rectrain.data.buckets import make_buckets  # noqa: E402
+from rectrain.data.scan import SplitScan, scan_split  # noqa: E402
+from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RectangularCropTfm  # noqa: E402
+from rectrain.inference import inference_buckets, restore  # noqa: E402
 from rectrain.model import build_model, param_groups  # noqa: E402
-from rectrain.schedule import ResolutionSchedule, lr_at  # noqa: E402
-from rectrain.transforms import IMAGENET_MEAN, IMAGENET_STD, RectangularCropTfm  # noqa: E402
+from rectrain.training.schedule import ResolutionSchedule, lr_at  # noqa: E402
 
 PLAIN = "plain loop"  # the reference row's name
 
@@ -234,10 +234,8 @@ def eval_view(checkpoint: str, val: SplitScan, val_crop: float) -> float:
     each side of the image's largest box of its bucket's ratio: 0.875 is the trainer's own validation (the
     same pixels), 1.0 keeps the whole image, as the plain loop's validation does."""
     r = restore(checkpoint)
-    cfg = r.config
-    size = ResolutionSchedule.parse(cfg["res_schedule"]).end if cfg.get("res_schedule") else cfg["target_size"]
-    buckets = make_buckets(cfg.get("val_target_size") or size, cfg["rect_mode"], cfg["max_ratio"])
-    tfm = RectangularCropTfm(train=False, val_crop=val_crop, decoder=cfg.get("decoder", "auto"))
+    buckets = inference_buckets(r.config)  # the run's own validation table
+    tfm = RectangularCropTfm(train=False, val_crop=val_crop, decoder=r.config.decoder)
     ids, correct = buckets.assign(val.sizes), 0
     for b in np.unique(ids):
         members = np.flatnonzero(ids == b)
@@ -401,7 +399,7 @@ def setup(args) -> tuple[Settings, tuple[Recipe, ...], str]:
         recipes = tuple(r for r in recipes if r.name in names)
     data_dir = args.data_dir
     if args.quick and not data_dir:
-        from rectrain.synth import make_synthetic
+        from rectrain.data.synth import make_synthetic
         data_dir = os.path.join(args.out, "synth")
         if not os.path.isdir(os.path.join(data_dir, "train")):
             make_synthetic(data_dir, classes=4, train_per_class=32, val_per_class=8, kind="tiny", seed=0)
@@ -416,7 +414,7 @@ def eval_squashed(checkpoint: str, data_dir: str) -> float:
     """Top-1 of a checkpoint's raw weights validated as the plain loop validates: each whole image squashed to
     target x target."""
     r = restore(checkpoint)
-    x, y = load_square(os.path.join(data_dir, "val"), r.config["target_size"], r.classes)
+    x, y = load_square(os.path.join(data_dir, "val"), r.config.target_size, r.classes)
     pred = torch.cat([r.model(normalise(b)).argmax(1) for b in x.split(256)])
     return 100.0 * (pred == y).float().mean().item()
 

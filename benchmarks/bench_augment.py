@@ -24,9 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from rectrain.augment import AugmentationConfig, BatchAugment  # noqa: E402
-from rectrain.losses import augmented_loss  # noqa: E402
 from rectrain.model import build_model  # noqa: E402
+from rectrain.training.augment import AugmentationConfig, BatchAugment  # noqa: E402
+from rectrain.training.losses import augmented_loss  # noqa: E402
 
 SETTINGS = {  # name -> AugmentationConfig overrides
     "seed defaults (mix p=0.5, erasing p=0.25)": {},

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rectrain import gpu_decode as gd  # noqa: E402
-from rectrain.transforms import RectangularCropTfm, cv2  # noqa: E402
+from rectrain.data import gpu_decode as gd  # noqa: E402
+from rectrain.data.transforms import RectangularCropTfm, cv2  # noqa: E402
 
 
 def parse_args(argv):
@@ -52,8 +52,8 @@ def parse_args(argv):
 
 def _loader(scan, buckets, tfm, collate_fn, args, workers):
     """The training loader's pieces over epochs back to back (small datasets would end mid-measurement)."""
-    from rectrain.loader import BucketDataset, EpochStream
-    from rectrain.samplers import AspectRatioBatchSampler, DistributedBatchSampler
+    from rectrain.data.loader import BucketDataset, EpochStream
+    from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler
 
     ds = BucketDataset(scan, buckets, tfm, seed=0)
     sampler = DistributedBatchSampler(AspectRatioBatchSampler(ds.bucket_ids, args.batch_size, seed=0),
@@ -90,7 +90,7 @@ def _rate(batches, to_device, args) -> float:
 
 def measure(scan, buckets, args, workers) -> dict:
     cpu_tfm = RectangularCropTfm(train=True)
-    from rectrain.loader import collate
+    from rectrain.data.loader import collate
 
     _, _, cpu_loader = _loader(scan, buckets, cpu_tfm, collate, args, workers)
     cpu_ips = _rate(cpu_loader, lambda b: b[0].to(args.device, non_blocking=True), args)
@@ -107,7 +107,7 @@ def measure(scan, buckets, args, workers) -> dict:
 
 def compare(scan, buckets, args) -> dict:
     """Per CPU decoder: abs difference of the GPU path's crops from the CPU path's, same samples; CPU fallbacks."""
-    from rectrain.loader import BucketDataset
+    from rectrain.data.loader import BucketDataset
 
     out = {}
     for name in ["pil"] + (["opencv"] if cv2 is not None else []):
@@ -166,14 +166,15 @@ def main(argv=None) -> int:
         line = f"skipped: no CUDA/torchvision ({problem})"
         print(json.dumps({"skipped": line}) if args.json else line)
         return 0
-    from rectrain.arscan import scan_split
-    from rectrain.buckets import make_buckets
-    from rectrain.loader import cap_workers
+    from rectrain.data.buckets import make_buckets
+    from rectrain.data.scan import scan_split
+    from rectrain.data.workers import cap_workers
+    from rectrain.runtime.io import usable_cores
 
     tmp = None
     data_dir = args.data_dir
     if data_dir is None:
-        from rectrain.synth import make_synthetic
+        from rectrain.data.synth import make_synthetic
         tmp = tempfile.TemporaryDirectory()
         data_dir = tmp.name
         make_synthetic(data_dir, classes=8, train_per_class=max(1, args.images // 8), val_per_class=0,
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     try:
         scan = scan_split(data_dir, "train")
         buckets = make_buckets(args.target_size)
-        workers = cap_workers(args.workers if args.workers is not None else os.cpu_count() or 1)[0]
+        workers = cap_workers(args.workers if args.workers is not None else usable_cores())[0]
         res = {"machine": _machine(args.device), "images": len(scan.index), "workers": workers, "batch_size": args.batch_size,
                "target_size": args.target_size, "seconds": args.seconds,
                "data": f"--data_dir {args.data_dir}" if args.data_dir else "rectrain synth --kind imagenet",

@@ -1,6 +1,6 @@
 """Loader throughput: rectrain's training loader against the standard per-image pipeline, side by side.
 
-The standard pipeline is what torchvision's ImageNet reference does per image (``rectrain.bench.standard``):
+The standard pipeline is what torchvision's ImageNet reference does per image (``rectrain.commands.bench.standard``):
 full JPEG decode with PIL, RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3, bilinear), random flip,
 ToTensor (float32), Normalize. It uses torchvision when installed and an exact PIL/numpy re-implementation
 otherwise.
@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rectrain.arscan import scan_split  # noqa: E402
-from rectrain.bench.standard import StandardDataset, standard_transform  # noqa: E402
-from rectrain.buckets import make_buckets  # noqa: E402
-from rectrain.loader import build_loaders  # noqa: E402
+from rectrain.commands.bench.standard import StandardDataset, standard_transform  # noqa: E402
+from rectrain.data.buckets import make_buckets  # noqa: E402
+from rectrain.data.loader import LoaderSettings, build_loaders  # noqa: E402
+from rectrain.data.scan import scan_split  # noqa: E402
 
 
 def time_loader(loader, batches: int, warmup: int) -> float:
@@ -61,7 +61,7 @@ def main() -> None:
     tmp = None
     data_dir = args.data_dir
     if data_dir is None:
-        from rectrain.synth import make_synthetic
+        from rectrain.data.synth import make_synthetic
         tmp = tempfile.TemporaryDirectory()
         data_dir = tmp.name
         classes = 10
@@ -74,11 +74,10 @@ def main() -> None:
                                              batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                              persistent_workers=args.workers > 0, drop_last=True)
     def ours(decoder):
-        return build_loaders(scan, None, make_buckets(args.target_size), batch_size=args.batch_size,
-                             val_batch_size=args.batch_size, workers=args.workers, seed=0, rank=0, world_size=1,
-                             decoder=decoder).train
+        return build_loaders(scan, None, make_buckets(args.target_size),
+                             LoaderSettings(batch_size=args.batch_size, workers=args.workers, decoder=decoder)).train
 
-    from rectrain import transforms
+    from rectrain.data import transforms
     decoders = ["pil"] + (["opencv"] if transforms.cv2 is not None else [])
     torch.set_num_threads(1)
     std_ips = time_loader(std_loader, args.batches, args.warmup)

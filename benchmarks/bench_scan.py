@@ -25,9 +25,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from rectrain import arscan, synth
-from rectrain.arscan import _read_chunk, _read_sizes, scan_split
-from rectrain.index import list_files
+from rectrain.data import scan as arscan
+from rectrain.data import synth
+from rectrain.data.index import list_files
+from rectrain.data.scan import _read_chunk, _read_sizes, scan_split
+from rectrain.runtime.io import usable_cores
 
 
 def machine() -> str:
@@ -43,8 +45,7 @@ def machine() -> str:
     except ImportError:
         tv = "not installed"
     import PIL
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}; {cores} usable cores; Python {platform.python_version()}; torch {tv}; "
+    return (f"{cpu}; {usable_cores()} usable cores; Python {platform.python_version()}; torch {tv}; "
             f"Pillow {PIL.__version__}; numpy {np.__version__}")
 
 

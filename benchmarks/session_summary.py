@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rectrain.bench import ablation, model  # noqa: E402
+from rectrain.commands.bench import ablation, model  # noqa: E402
 
 GOAL_IMAGES_PER_SEC = 6000  # issue 8: end to end from JPEG files on one H200 at 224x224 (area mode)
 GOAL_VS_TIMM = 1.5

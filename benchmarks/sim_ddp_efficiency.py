@@ -3,7 +3,7 @@
     python benchmarks/sim_ddp_efficiency.py                 # table: old vs new, R = 8 and 64, both modes
     python benchmarks/sim_ddp_efficiency.py --json          # the same as one JSON object
 
-No images and no GPU: image sizes come from ``rectrain.synth.image_size(rng, "imagenet")`` (ImageNet's
+No images and no GPU: image sizes come from ``rectrain.data.synth.image_size(rng, "imagenet")`` (ImageNet's
 ratio mix: mostly 4:3 and 3:4, some square, a tail spread over 1:2..2:1), are mapped to
 ``make_buckets(target, mode)`` and fed to the real samplers. DDP's all-reduce makes a step as slow as
 its slowest rank, so a step costs the max over ranks of its batch's pixels (H * W * B, ResNet compute
@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from rectrain import synth
-from rectrain.buckets import make_buckets
-from rectrain.samplers import AspectRatioBatchSampler, DistributedBatchSampler
+from rectrain.data import synth
+from rectrain.data.buckets import make_buckets
+from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler
 
 IMAGENET_TRAIN = 1_281_167
 POLICIES = ("round-robin", "rounds", "rounds-drop")

@@ -23,7 +23,7 @@ import ast
 import os
 import sys
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "rectrain")
@@ -95,12 +95,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def late_attributes(cls: ast.ClassDef) -> set[str]:
-    """``self.x`` first assigned in a method other than ``__init__``."""
-    in_init, elsewhere = set(), set()
+    """``self.x`` first assigned in a method other than ``__init__`` (a dataclass's fields, declared in the class
+    body, are set by its ``__init__``)."""
+    in_init = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    elsewhere = set()
     for fn in cls.body:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        target = in_init if fn.name == "__init__" else elsewhere
+        target = in_init if fn.name in ("__init__", "__post_init__") else elsewhere
         for node in ast.walk(fn):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
                 node, (ast.AnnAssign, ast.AugAssign)) else []

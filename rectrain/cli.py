@@ -1,7 +1,7 @@
 """The `rectrain` command line: one subcommand per job.
 
-Each subcommand lives beside the concept it drives and exposes ``add_arguments(parser)`` and
-``run(args) -> int``. Every user mistake ends in ONE line on stderr and exit status 2: a bad flag
+Each subcommand is one module of ``rectrain.commands``, a thin layer over the library, exposing
+``add_arguments(parser)`` and ``run(args) -> int``. Every user mistake ends in ONE line on stderr and exit status 2: a bad flag
 or value (``ArgParser.error``, with a did-you-mean for unknown flags and commands) and a
 ``UserError`` raised by a command (printed without a traceback).
 """
@@ -19,16 +19,16 @@ from rectrain.errors import UserError
 
 # name -> (module, one-line help). Modules are imported only for the command that runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "model": ("rectrain.selftest", "self-test of the model: parameter count, forward/backward on rectangular inputs"),
-    "train": ("rectrain.train", "train a ResNet on an image folder (the seed's train_g4.dn_12xlarge.py)"),
-    "eval": ("rectrain.evaluate", "top-1/top-5 of a checkpoint on a validation split"),
-    "bench": ("rectrain.bench", "speed benchmarks: loader, model (the step alone), e2e (the training loop), ablation (the seed's speed table)"),
-    "scan": ("rectrain.arscan", "scan an image folder: counts, bad files, aspect ratios, buckets (builds the cache)"),
-    "synth": ("rectrain.synth", "write a synthetic ImageNet-style folder of JPEGs (tests, demo, benchmarks)"),
-    "prepare": ("rectrain.prepare", "write a downscaled copy of an image folder (faster decoding), resumable"),
-    "check": ("rectrain.check", "pre-flight checklist: software, GPUs, dataset, cache, disk, memory, loader speed"),
-    "predict": ("rectrain.predict", "classify images or folders with a checkpoint: top-k class names and probabilities"),
-    "export": ("rectrain.export", "export a checkpoint's weights: torchvision state dict, TorchScript or ONNX"),
+    "model": ("rectrain.commands.model", "self-test of the model: parameter count, forward/backward on rectangular inputs"),
+    "train": ("rectrain.commands.train", "train a ResNet on an image folder (the seed's train_g4.dn_12xlarge.py)"),
+    "eval": ("rectrain.commands.eval", "top-1/top-5 of a checkpoint on a validation split"),
+    "bench": ("rectrain.commands.bench", "speed benchmarks: loader, model (the step alone), e2e (the training loop), ablation (the seed's speed table)"),
+    "scan": ("rectrain.commands.scan", "scan an image folder: counts, bad files, aspect ratios, buckets (builds the cache)"),
+    "synth": ("rectrain.commands.synth", "write a synthetic ImageNet-style folder of JPEGs (tests, demo, benchmarks)"),
+    "prepare": ("rectrain.commands.prepare", "write a downscaled copy of an image folder (faster decoding), resumable"),
+    "check": ("rectrain.commands.check", "pre-flight checklist: software, GPUs, dataset, cache, disk, memory, loader speed"),
+    "predict": ("rectrain.commands.predict", "classify images or folders with a checkpoint: top-k class names and probabilities"),
+    "export": ("rectrain.commands.export", "export a checkpoint's weights: torchvision state dict, TorchScript or ONNX"),
 }
 
 

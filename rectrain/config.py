@@ -17,12 +17,12 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from rectrain.augment import AugmentationConfig
-from rectrain.buckets import MULTIPLE, RECT_MODES
 from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
+from rectrain.data.buckets import MULTIPLE, RECT_MODES
 from rectrain.errors import UserError
 from rectrain.model import ARCHS
-from rectrain.schedule import ResolutionSchedule
+from rectrain.training.augment import AugmentationConfig
+from rectrain.training.schedule import ResolutionSchedule
 
 # Help sections of `rectrain train --help`, in this order; every field names one in its metadata.
 DATA, MODEL, OPTIM, AUG, SPEED, DIST, LOGS = GROUPS = (
@@ -158,9 +158,29 @@ class TrainConfig:
         """Warm-up epochs in effect: --warmup_epochs, else 5 (Goyal et al. 2017) capped at a tenth of the run."""
         return self.warmup_epochs if self.warmup_epochs is not None else min(5.0, self.epochs / 10)
 
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: what --no_amp and --amp_dtype ask for (CPU runs are fp32 whatever they ask)."""
+        return "fp32" if self.no_amp else self.amp_dtype
+
     def augmentation(self) -> AugmentationConfig:
-        names = {f.name for f in fields(AugmentationConfig)}
-        return AugmentationConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return self.slice(AugmentationConfig)
+
+    def slice(self, cls, **overrides):
+        """A typed slice of the settings: ``cls`` (a dataclass whose fields are named like some of this config's)
+        built from those fields, ``overrides`` for the rest (``cfg.slice(LoaderSettings, rank=1)``). Each part of
+        the package declares what it needs, and nothing is copied from the config by hand."""
+        names = {f.name for f in fields(self)}
+        picked = {f.name: getattr(self, f.name) for f in fields(cls) if f.name in names and f.name not in overrides}
+        return cls(**picked, **overrides)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict | None, source: str = "checkpoint") -> "TrainConfig":
+        """The settings a checkpoint's ``config`` dict holds, as a ``TrainConfig``: today's defaults fill the keys
+        that an older rectrain did not write, and keys this rectrain no longer knows are left out (not validated:
+        the settings of a finished run are what they were)."""
+        known = {f.name for f in fields(cls)}
+        return cls.from_dict({k: v for k, v in (saved or {}).items() if k in known}, source)
 
     def to_dict(self) -> dict:
         """Field names -> plain JSON values (tuples become lists)."""

@@ -1,66 +1,153 @@
-"""Resume: which checkpoint a run continues from, and with which settings.
+"""Resume: where a run restarts, with which settings, and how its learning rate continues, decided in one place.
 
-Decided once, before any process starts (``rectrain.train.main``), so every rank agrees:
-- under torchrun's restarts (``--max-restarts``) a restarted job resumes by itself, as ``--resume auto``;
-- on resume the checkpoint's settings are the defaults: ``--resume auto`` alone continues the run as it was,
-  and every flag given now that changes one of them is listed in the log; the settings of the machine or of
-  this invocation (``NOT_INHERITED``: --workers, --nproc, --device, ...) are never taken from the checkpoint;
-- ``--resume PATH`` of another run's checkpoint continues into this run's folder only if that folder has no
-  history of its own (its checkpoints and metrics would be overwritten otherwise).
-What a checkpoint holds and how it is restored is ``rectrain.checkpoint.Checkpointer``'s business.
+``Resume.plan`` runs once, before any process starts (so every rank agrees), and chooses:
+- the checkpoint: ``--resume PATH``, the newest one of this run that loads (``--resume auto``), or none; under
+  torchrun's restarts (``--max-restarts``) a restarted job resumes by itself, as ``--resume auto``;
+- the settings: on resume the checkpoint's are the defaults, so ``--resume auto`` alone continues the run as it
+  was; every flag given now that changes one of them is listed in the log; the settings of the machine or of this
+  invocation (``NOT_INHERITED``: --workers, --nproc, --device, ...) are never taken from the checkpoint;
+- whether it may continue here at all: ``--resume PATH`` of another run's checkpoint continues into this run's
+  folder only if that folder has no history of its own (its checkpoints and metrics would be overwritten).
+The planner only peeks at the checkpoint (its tensors memory-mapped, not read).
+
+``Resume.restore`` runs in every rank, which loads the checkpoint once, and returns where training starts (a
+``TrainState``: epoch, batch, step) and the learning-rate schedule to follow:
+- the same world size and batches per epoch: exact, from the saved batch, with this rank's RNG and augmentation
+  streams (the batches are a pure function of seed and epoch, so ``EpochStream`` simply starts at that batch);
+- another world size or batch size: the position is kept in epochs (the step rescaled to the new batches per
+  epoch; a mid-epoch checkpoint restarts its epoch);
+- the learning rate: the schedule planned for this run's settings, continued from the rate the checkpoint last
+  applied when the settings (--epochs, --lr, the batch count) changed the curve, so the rate never jumps
+  (``LRSchedule.continuing``).
+What a checkpoint holds and how its parts are read and written is ``rectrain.training.checkpoint``'s business.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import fields
+from dataclasses import dataclass, field
 
-from rectrain import checkpoint as ckpt_io
 from rectrain.config import TrainConfig
 from rectrain.errors import UserError
-from rectrain.metrics import RunPaths
+from rectrain.runtime.metrics import RunPaths
+from rectrain.training import checkpoint as ckpt_io
+from rectrain.training.checkpoint import Checkpointer
+from rectrain.training.loop import TrainState
+from rectrain.training.schedule import LRSchedule
+
+__all__ = ["NOT_INHERITED", "Resume"]
 
 # Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume.
 NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "print_freq",
                  "max_steps"}
 
 
-def settle_resume(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
-    """Which checkpoint a run continues from, and with which settings; returns (config, notes to log).
+@dataclass
+class Resume:
+    """A run's start: the checkpoint it continues from (``path``; None: from scratch), the settings it runs with
+    (``config``) and the notes to log about both. Pickled to spawned ranks without the loaded checkpoint."""
 
-    - Under torchrun's restarts (``--max-restarts``) a restarted job resumes by itself (``--resume auto``).
-    - On resume the checkpoint's settings are the defaults: ``--resume auto`` alone continues the run as it was,
-      and every flag given now that changes one of them is listed in the log (the machine's settings, such as
-      --workers or --nproc, are never taken from the checkpoint).
-    - ``--resume PATH`` of another run's checkpoint continues into this run's folder only if that folder has no
-      history of its own (its checkpoints and metrics would be overwritten otherwise).
-    """
-    notes = []
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if not cfg.resume and restarts > 0:
-        cfg = dataclasses.replace(cfg, resume="auto")
-        notes.append(f"note: torchrun restart {restarts}: resuming from the newest checkpoint of this run")
-    if not cfg.resume:
-        return cfg, notes
-    paths = RunPaths.of(cfg.output, cfg.run_name)
-    if cfg.resume == "auto":
-        found = ckpt_io.find_resumable(paths.ckpt_dir, log=notes.append)
-        if found is None:
-            notes.append(f"note: --resume auto found no checkpoint in {paths.ckpt_dir}: starting from scratch")
-            return dataclasses.replace(cfg, resume=None), notes
-        path, ckpt = found
-    else:
-        if not os.path.isfile(cfg.resume):
-            raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest of "
-                            "this run)")
-        path, ckpt = cfg.resume, ckpt_io.load(cfg.resume)
-        _refuse_foreign_resume(path, paths)
-    merged, changed = _merge_settings(ckpt.get("config", {}), cfg, given)
-    merged = dataclasses.replace(merged, resume=path).validate()
-    if changed:
-        notes.append("note: resuming with the checkpoint's settings, except (flags given now): " + "; ".join(changed))
-    return merged, notes
+    config: TrainConfig
+    path: str | None = None
+    notes: list[str] = field(default_factory=list)
+    _checkpoint: dict | None = field(default=None, repr=False, compare=False)
+
+    # -- before the processes start ---------------------------------------------------------------
+    @classmethod
+    def plan(cls, cfg: TrainConfig, given: set[str]) -> "Resume":
+        """Decide the checkpoint and the settings (see the module docstring); ``given``: the settings the user chose
+        now, on the command line or in a config file."""
+        notes = []
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if not cfg.resume and restarts > 0:
+            cfg = dataclasses.replace(cfg, resume="auto")
+            notes.append(f"note: torchrun restart {restarts}: resuming from the newest checkpoint of this run")
+        if not cfg.resume:
+            return cls(cfg, None, notes)
+        paths = RunPaths.of(cfg.output, cfg.run_name)
+        if cfg.resume == "auto":
+            found = ckpt_io.find_resumable(paths.ckpt_dir, log=notes.append, mmap=True)
+            if found is None:
+                notes.append(f"note: --resume auto found no checkpoint in {paths.ckpt_dir}: starting from scratch")
+                return cls(dataclasses.replace(cfg, resume=None), None, notes)
+            path, peek = found
+        else:
+            if not os.path.isfile(cfg.resume):
+                raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest "
+                                "of this run)")
+            path, peek = cfg.resume, ckpt_io.load(cfg.resume, mmap=True)
+            _refuse_foreign_resume(path, paths)
+        merged, changed = _merge_settings(peek.get("config", {}), cfg, given)
+        merged = dataclasses.replace(merged, resume=path).validate()
+        if changed:
+            notes.append("note: resuming with the checkpoint's settings, except (flags given now): " + "; ".join(changed))
+        return cls(merged, path, notes)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_checkpoint": None}  # each spawned rank loads the file itself
+
+    # -- in every rank ------------------------------------------------------------------------------
+    def load(self) -> dict | None:
+        """The checkpoint, read at most once in this process (None for a fresh start)."""
+        if self.path is not None and self._checkpoint is None:
+            self._checkpoint = ckpt_io.load(self.path)
+        return self._checkpoint
+
+    def restore(self, checkpointer: Checkpointer, planned: LRSchedule, world_size: int,
+                log=print) -> tuple[TrainState, LRSchedule]:
+        """Load the checkpoint into ``checkpointer``'s parts; -> (where training starts, the schedule to follow).
+
+        ``planned``: this run's schedule from its settings. A fresh start returns ``TrainState()`` and it as is."""
+        ckpt = self.load()
+        if ckpt is None:
+            return TrainState(), planned
+        self._checkpoint = None  # the parts hold what they need: let the tensors go
+        path, spe = self.path, checkpointer.steps_per_epoch
+        checkpointer.load_parts(path, ckpt)
+        state = TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+                           best_acc1=ckpt.get("best_acc1", -1.0),
+                           lr_rebased=tuple(ckpt["lr_rebased"]) if ckpt.get("lr_rebased") else None)
+        old_spe = ckpt.get("steps_per_epoch") or spe
+        if ckpt.get("world_size") == world_size and old_spe == spe:
+            checkpointer.load_rank(ckpt, state)
+            order = ckpt.get("sampler", {}).get("order_version", 1)
+            if state.batch_in_epoch and world_size > 1 and order != ckpt_io.ORDER_VERSION:
+                log(f"warning: {path} was written by a rectrain that dealt batches to ranks in another order; "
+                    f"the rest of epoch {state.epoch + 1} may repeat some images and miss others (later epochs are "
+                    "exact)")
+        else:
+            _rescale(state, old_spe, spe, ckpt.get("world_size"), world_size, log)
+        schedule = self._continue_lr(ckpt, state, dataclasses.replace(planned, rebased=state.lr_rebased), log)
+        log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
+        return state, schedule
+
+    def _continue_lr(self, ckpt: dict, state: TrainState, schedule: LRSchedule, log) -> LRSchedule:
+        """The schedule, rebased where the settings changed it so that it continues from the checkpoint's last rate."""
+        groups = ckpt["optimizer"].get("param_groups") or [{}]
+        last_lr = groups[0].get("lr")
+        if last_lr is None:
+            return schedule
+        continued = schedule.continuing(state.step, last_lr)
+        if continued is not schedule:
+            log(f"note: the learning-rate schedule changed on resume (--epochs, --lr or the batch count): it "
+                f"continues from {last_lr:.5g} at step {state.step} and decays to --min_lr {schedule.min_lr} by step "
+                f"{schedule.total_steps}")
+            state.lr_rebased = continued.rebased
+        return continued
+
+
+def _rescale(state: TrainState, old_spe: int, new_spe: int, old_world, new_world: int, log) -> None:
+    """Another world size or batch size: keep the run's position in the schedule, in epochs.
+
+    The step count is rescaled to the new batches per epoch, so the learning rate continues from where it was and
+    still ends at its minimum. A mid-epoch checkpoint restarts its epoch from the first batch (the old dealing of
+    batches to ranks cannot be continued)."""
+    if state.batch_in_epoch:
+        log(f"note: checkpoint was written with {old_world} process(es) and {old_spe} batches/epoch; now "
+            f"{new_world} and {new_spe}: epoch {state.epoch + 1} restarts from its first batch")
+    state.step = round((state.step - state.batch_in_epoch) * new_spe / old_spe)
+    state.batch_in_epoch = 0
 
 
 def _refuse_foreign_resume(path: str, paths: RunPaths) -> None:
@@ -75,10 +162,10 @@ def _refuse_foreign_resume(path: str, paths: RunPaths) -> None:
 
 
 def _merge_settings(saved: dict, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
-    known = {f.name for f in fields(TrainConfig)}
-    base = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known and k not in NOT_INHERITED})
+    base = TrainConfig.from_checkpoint({k: v for k, v in saved.items() if k not in NOT_INHERITED})
     keep_now = given | NOT_INHERITED
     merged = dataclasses.replace(base, **{k: getattr(cfg, k) for k in keep_now})
     changed = [f"--{k} {getattr(base, k)} -> {getattr(merged, k)}" for k in sorted(given - NOT_INHERITED)
                if k in saved and getattr(base, k) != getattr(merged, k)]
     return merged, changed
+

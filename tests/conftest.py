@@ -17,5 +17,5 @@ def reference_dir():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One trained tiny checkpoint shared by the eval, predict and export tests (read-only: copy to change it)."""
-    from tiny import train_tiny
+    from tests.tiny import train_tiny
     return train_tiny(tmp_path_factory.mktemp("tiny_run"))

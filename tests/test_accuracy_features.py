@@ -7,16 +7,15 @@ import re
 import pytest
 import torch
 
-from rectrain import train as train_mod
-from rectrain.arscan import scan_split
-from rectrain.buckets import make_buckets
-from rectrain.checkpoint import load as load_ckpt
+from rectrain import trainer as train_mod
 from rectrain.cli import main as cli_main
 from rectrain.config import resolve_config
-from rectrain.loader import build_loaders
-from rectrain.synth import make_synthetic
-from tiny import TINY
-
+from rectrain.data.buckets import make_buckets
+from rectrain.data.loader import LoaderSettings, build_loaders
+from rectrain.data.scan import scan_split
+from rectrain.data.synth import make_synthetic
+from rectrain.training.checkpoint import load as load_ckpt
+from tests.tiny import TINY
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 def run(data_dir, out, *extra, name="run", tiny=TINY):
     cfg = resolve_config(["--data_dir", data_dir, "--output", str(out), "--run_name", name, *tiny, *extra])
-    return train_mod.main(cfg)
+    return train_mod.train(cfg)
 
 
 def rows_of(out, name):
@@ -43,8 +42,8 @@ def test_no_flip_and_whole_image_resize_leave_nothing_random_per_image(data_dir)
     scan = scan_split(data_dir, "train")
     batches = []
     for seed in (0, 1):  # another seed changes the batch order, never the pixels of an image
-        loaders = build_loaders(scan, None, make_buckets(32), batch_size=4, val_batch_size=4, workers=0, seed=seed,
-                                rank=0, world_size=1, hflip=0.0, crop="resize")
+        loaders = build_loaders(scan, None, make_buckets(32),
+                                LoaderSettings(batch_size=4, seed=seed, hflip=0.0, train_crop="resize"))
         by_label_order = {}
         for keys, (x, _, _) in zip(loaders.stream, loaders.train):
             for (i, _), img in zip(keys, x):
@@ -121,8 +120,8 @@ def test_fine_tuning_from_another_class_count_reinitialises_only_fc(data_dir, tm
     other = tmp_path / "other"
     make_synthetic(str(other), classes=2, train_per_class=16, val_per_class=4, kind="tiny", seed=1)
     torch.save(source, tmp_path / "torchvision_layout.pth")  # a plain state dict, as torchvision's
-    from rectrain.checkpoint import load_initial_weights
     from rectrain.model import build_model
+    from rectrain.training.checkpoint import load_initial_weights
     model = build_model("resnet18", num_classes=2, width=8)
     notes = []
     load_initial_weights(model, str(tmp_path / "torchvision_layout.pth"), log=notes.append)
@@ -153,9 +152,9 @@ def test_val_crop_one_validates_on_the_whole_box_and_eval_follows_the_run(data_d
     assert cli_main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--workers", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
-    from rectrain.loader import build_val_loader
+    from rectrain.data.loader import build_val_loader
     scan = scan_split(data_dir, "val", classes=load_ckpt(ckpt)["classes"])
-    crops = [build_val_loader(scan, make_buckets(32, "short_side", 1.5), batch_size=15, workers=0, rank=0,
-                              world_size=1, val_crop=v)[0] for v in (1.0, 0.875)]
+    crops = [build_val_loader(scan, make_buckets(32, "short_side", 1.5), LoaderSettings(batch_size=15, val_crop=v))[0]
+             for v in (1.0, 0.875)]
     whole, centre = (next(iter(c))[0].float() for c in crops)
     assert not torch.equal(whole, centre)  # the setting reaches the crop

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from rectrain.config import TrainConfig, resolve_config
-from rectrain.schedule import ResolutionSchedule
+from rectrain.training.schedule import ResolutionSchedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -157,6 +157,44 @@ def test_from_dict_of_an_older_config_without_progress_uses_the_default():
     assert TrainConfig.from_dict(d).progress == "auto"
 
 
+# The `config` a checkpoint of rectrain's first release (2026-11-27, 49 settings) holds: every later setting missing.
+FIRST_RELEASE_CONFIG = {
+    "data_dir": "/mnt/data/imagenet", "batch_size": 256, "target_size": 224, "workers": 8, "epochs": 90, "lr": 0.1,
+    "momentum": 0.9, "weight_decay": 0.0001, "no_amp": False, "seed": 42, "dist_port": "12355",
+    "output": "./runs_rect_ddp", "run_name": "resnet50_rect", "resume": None, "print_freq": 50, "arch": "resnet50",
+    "width": 64, "amp_dtype": "bf16", "label_smoothing": 0.1, "warmup_epochs": None, "min_lr": 0.0, "nesterov": False,
+    "rect_mode": "short_side", "max_ratio": 2.0, "crop_scale": [0.08, 1.0], "val_every": 1, "val_batch_size": None,
+    "keep_checkpoints": 0, "device": "auto", "nproc": None, "dist_timeout": 1800.0, "channels_last": True,
+    "compile": False, "max_decode_failures": 100, "max_steps": None, "deterministic": False, "use_mixup": True,
+    "mixup_alpha": 0.2, "use_cutmix": True, "cutmix_alpha": 1.0, "use_cutout": False, "cutout_n_holes": 1,
+    "cutout_length": 8, "cutout_prob": 0.5, "use_random_erasing": True, "random_erasing_prob": 0.25,
+    "random_erasing_scale": [0.02, 0.33], "batch_aug_prob": 0.5}
+
+
+def test_a_first_release_checkpoints_config_fills_the_later_settings_with_todays_defaults():
+    saved = dict(FIRST_RELEASE_CONFIG, target_size=160, use_cutmix=False, crop_scale=[0.35, 1.0])
+    cfg = TrainConfig.from_checkpoint(saved)
+    assert (cfg.target_size, cfg.use_cutmix, cfg.crop_scale) == (160, False, (0.35, 1.0))
+    later = {f for f in TrainConfig.__dataclass_fields__ if f not in FIRST_RELEASE_CONFIG}
+    assert later >= {"val_crop", "hflip", "ema_decay", "res_schedule", "decode", "train_crop", "progress"}
+    defaults = TrainConfig()
+    assert all(getattr(cfg, f) == getattr(defaults, f) for f in later)
+
+
+def test_a_checkpoint_config_with_settings_this_rectrain_no_longer_knows_still_loads():
+    cfg = TrainConfig.from_checkpoint(dict(FIRST_RELEASE_CONFIG, retired_setting=3, epochs=7))
+    assert cfg.epochs == 7 and not hasattr(cfg, "retired_setting")
+    assert TrainConfig.from_checkpoint(None) == TrainConfig.from_checkpoint({}) == TrainConfig()
+
+
+def test_a_typed_slice_takes_the_fields_of_its_name_and_the_overrides():
+    from rectrain.data.loader import LoaderSettings
+    cfg = resolve_config(["--batch_size", "12", "--hflip", "0", "--decoder", "pil"])
+    s = cfg.slice(LoaderSettings, workers=3, rank=1, world_size=2, decode="cpu")
+    assert (s.batch_size, s.hflip, s.decoder, s.workers, s.rank, s.world_size) == (12, 0.0, "pil", 3, 1, 2)
+    assert s.val_batch == 12 and cfg.slice(LoaderSettings, val_batch_size=5).val_batch == 5
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ and not run; a block without a tag fails (say what it is).
 
 from __future__ import annotations
 
+import ast
 import glob
 import multiprocessing
 import os
@@ -42,11 +43,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from rectrain.checkpoint import load as load_ckpt
 from rectrain.config import resolve_config
+from rectrain.data.index import IMAGE_EXTENSIONS
 from rectrain.errors import UserError
-from rectrain.index import IMAGE_EXTENSIONS
 from rectrain.model import build_model
+from rectrain.training.checkpoint import load as load_ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -263,9 +264,9 @@ def runner():
     """Runs commands in fresh processes forked from a server that has imported torch and rectrain once."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "numpy", "PIL.Image", "cv2", "matplotlib.figure",
-                                "matplotlib.backends.backend_agg", "rectrain.cli", "rectrain.train",
-                                "rectrain.evaluate", "rectrain.predict", "rectrain.export", "rectrain.check",
-                                "rectrain.selftest", "rectrain.prepare", "rectrain.synth", __name__])
+                                "matplotlib.backends.backend_agg", "rectrain.cli", "rectrain.trainer",
+                                "rectrain.inference", "rectrain.commands.predict", "rectrain.commands.export", "rectrain.commands.check",
+                                "rectrain.commands.model", "rectrain.data.prepare", "rectrain.data.synth", __name__])
     return ctx
 
 
@@ -410,8 +411,8 @@ def place_images(argv: list[str], ws: str, tiny: dict) -> None:
 
 def parse_rectrain(argv: list[str]):
     """The command's parser accepts ``argv``; training flags also validate. Returns the TrainConfig or None."""
-    from rectrain.check import OWN_FLAGS
     from rectrain.cli import build_parser
+    from rectrain.commands.check import OWN_FLAGS
     try:
         build_parser(argv[0]).parse_args(argv)
     except SystemExit as e:
@@ -574,12 +575,22 @@ def test_code_block_says_what_it_is(block, tmp_path):
         compile(block.text, f"{block.doc}:{block.line}", "exec")
 
 
-def test_readme_package_map_names_every_module():
+def test_readme_package_map_names_every_subpackage_and_top_level_module():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    modules = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "rectrain", "**", "*.py"),
-                                                                  recursive=True))
-    missing = [m for m in modules if f"`{m}`" not in readme]
+    pkg = os.path.join(ROOT, "rectrain")
+    places = sorted(f"rectrain/{n}/" if os.path.isdir(os.path.join(pkg, n)) else f"rectrain/{n}"
+                    for n in os.listdir(pkg) if not n.startswith(("_", ".")) and (n.endswith(".py") or
+                                                                                 os.path.isdir(os.path.join(pkg, n))))
+    missing = [m for m in places if f"`{m}`" not in readme]
     assert not missing, f"README.md's package map does not name {missing}"
+
+
+def test_every_module_opens_with_a_docstring_saying_what_it_owns():
+
+    modules = glob.glob(os.path.join(ROOT, "rectrain", "**", "*.py"), recursive=True)
+    bare = [os.path.relpath(m, ROOT) for m in modules if os.path.basename(m) != "__main__.py"
+            and not ast.get_docstring(ast.parse(open(m).read()))]
+    assert not bare, f"modules without a docstring: {bare}"
 
 
 # The extraction itself, on made-up lines

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from rectrain.cli import main as cli_main
-from rectrain.synth import make_synthetic
+from rectrain.data.synth import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from rectrain.cli import main as cli_main
-from rectrain.model import (ARCHS, PUBLISHED_PARAMS, BasicBlock, Bottleneck, build_model,
-                            count_parameters, param_groups)
+from rectrain.model import ARCHS, PUBLISHED_PARAMS, BasicBlock, Bottleneck, build_model, count_parameters, param_groups
 
 
 def load_reference(reference_dir, name):

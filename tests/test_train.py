@@ -9,13 +9,12 @@ import signal
 import pytest
 import torch
 
-from rectrain import train as train_mod
-from rectrain.checkpoint import load as load_ckpt
+from rectrain import trainer as train_mod
 from rectrain.cli import main as cli_main
 from rectrain.config import resolve_config
-from rectrain.synth import make_synthetic
-from tiny import TINY
-
+from rectrain.data.synth import make_synthetic
+from rectrain.training.checkpoint import load as load_ckpt
+from tests.tiny import TINY
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def data_dir(tmp_path_factory):
 
 def run(data_dir, out, *extra, name="run"):
     cfg = resolve_config(["--data_dir", data_dir, "--output", str(out), "--run_name", name, *TINY, *extra])
-    return train_mod.main(cfg)
+    return train_mod.train(cfg)
 
 
 def model_of(path):
@@ -76,20 +75,38 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(data_dir, tmp_pa
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
+def test_a_first_release_checkpoint_resumes_to_the_same_weights(data_dir, tmp_path):
+    """A checkpoint whose config holds only the settings of rectrain's first release: the later ones take today's
+    defaults, which are what this run trained with, so the resumed run ends where the uninterrupted one did."""
+    from tests.test_config import FIRST_RELEASE_CONFIG
+    assert run(data_dir, tmp_path, "--epochs", "2", name="straight") == 0
+    steps = load_ckpt(tmp_path / "straight/checkpoints/checkpoint_epoch_001.pth")["step"]
+    assert run(data_dir, tmp_path, "--epochs", "2", "--max_steps", str(steps), name="old") == 0
+    last = tmp_path / "old/checkpoints/last.pth"
+    ckpt = load_ckpt(str(last))
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k in FIRST_RELEASE_CONFIG}
+    for other in (tmp_path / "old/checkpoints").glob("*.pth"):
+        other.unlink()
+    torch.save(ckpt, last)
+    assert cli_main(["eval", "--checkpoint", str(last), "--workers", "0", "--device", "cpu"]) == 0
+    assert run(data_dir, tmp_path, "--epochs", "2", "--resume", "auto", name="old") == 0
+    assert_same_weights(model_of(tmp_path / "straight/checkpoints/last.pth"), model_of(last))
+
+
 def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     assert run(data_dir, tmp_path, "--epochs", "2", name="straight") == 0
-    import rectrain.engine as engine
+    from rectrain.training import schedule
 
-    real = engine.lr_at
+    real = schedule.lr_at
 
     def lr_at_then_signal(step, *a, **k):
         if step == 3:  # a real SIGTERM, delivered in the middle of the first epoch
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, *a, **k)
 
-    monkeypatch.setattr(engine, "lr_at", lr_at_then_signal)
+    monkeypatch.setattr(schedule, "lr_at", lr_at_then_signal)
     assert run(data_dir, tmp_path, "--epochs", "2", name="stopped") == 128 + signal.SIGTERM
-    monkeypatch.setattr(engine, "lr_at", real)
+    monkeypatch.setattr(schedule, "lr_at", real)
     ck = load_ckpt(tmp_path / "stopped/checkpoints/last.pth")
     assert ck["epoch"] == 0 and ck["batch_in_epoch"] == 4  # the step in flight finished, then it stopped
     assert run(data_dir, tmp_path, "--epochs", "2", "--resume", "auto", name="stopped") == 0
@@ -163,7 +180,7 @@ def test_empty_data_dir_is_one_clear_line(tmp_path, capsys):
 def test_decode_failures_past_the_limit_stop_with_a_clear_message(tmp_path, capsys):
     data = tmp_path / "data"
     make_synthetic(str(data), classes=2, train_per_class=10, val_per_class=2, kind="tiny", seed=2)
-    from rectrain.arscan import scan_split
+    from rectrain.data.scan import scan_split
     scan = scan_split(str(data), "train")
     for rel in scan.index.paths:  # every file now fails to decode, yet the cached scan still lists it
         path = os.path.join(scan.index.split_dir, str(rel))
@@ -215,7 +232,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                                                                               capsys):
     assert run(data_dir, tmp_path, "--epochs", "1", name="nan") == 0
     good = (tmp_path / "nan/checkpoints/last.pth").read_bytes()
-    import rectrain.engine as engine
+    from rectrain.training import step as engine
     real = engine.augmented_loss
     calls = []
 

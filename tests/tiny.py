@@ -4,9 +4,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from rectrain import train as train_mod
+from rectrain import trainer as train_mod
 from rectrain.config import resolve_config
-from rectrain.synth import make_synthetic
+from rectrain.data.synth import make_synthetic
 
 # A ResNet-18 of width 8 on 32 px crops, one process on the CPU, bit-reproducible.
 TINY = ["--arch", "resnet18", "--width", "8", "--target_size", "32", "--batch_size", "8", "--workers", "0",
@@ -31,6 +31,6 @@ def train_tiny(root) -> TinyRun:
     """One epoch of the tiny model on the tiny data under ``root``."""
     data = make_tiny_data(os.path.join(str(root), "data"))
     cfg = resolve_config(["--data_dir", data, "--output", str(root), "--run_name", "run", "--epochs", "1", *TINY])
-    assert train_mod.main(cfg) == 0
+    assert train_mod.train(cfg) == 0
     row = json.loads(open(os.path.join(str(root), "run", "metrics.jsonl")).read().splitlines()[-1])
     return TinyRun(data, os.path.join(str(root), "run", "checkpoints", "last.pth"), row)

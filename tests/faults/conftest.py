@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rectrain.synth import make_synthetic
+from rectrain.data.synth import make_synthetic
 
 from . import harness as h
 

@@ -324,7 +324,7 @@ def ckpt_dir(output: Path, name: str) -> Path:
 
 
 def load_ckpt(path: Path) -> dict:
-    from rectrain.checkpoint import load
+    from rectrain.training.checkpoint import load
     return load(str(path))
 
 

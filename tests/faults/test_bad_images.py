@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rectrain.arscan import read_size
-from rectrain.buckets import make_buckets
-from rectrain.synth import make_synthetic
-from rectrain.transforms import ALPHA_BACKGROUND, RectangularCropTfm, cv2
+from rectrain.data.buckets import make_buckets
+from rectrain.data.scan import read_size
+from rectrain.data.synth import make_synthetic
+from rectrain.data.transforms import ALPHA_BACKGROUND, RectangularCropTfm, cv2
 
 from . import harness as h
 

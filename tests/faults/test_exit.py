@@ -13,6 +13,7 @@ import pytest
 
 from . import harness as h
 
+
 @pytest.mark.fault(case="12 process exit", fault="a finished run exits (no garbage collection before exit)")
 def test_a_finished_run_exits_without_relying_on_the_garbage_collector(data_dir, tmp_path, outcome):
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from rectrain.synth import make_synthetic
+from rectrain.data.synth import make_synthetic
 
 from . import harness as h
 

@@ -6,7 +6,7 @@ module does nothing. Every process of the job reads it: the launcher, the ranks 
 interpreters) and the DataLoader workers (forked, so they inherit the patches).
 
 Patches are applied right after the module that defines the patched name is executed (an import hook), so
-``from rectrain.losses import augmented_loss`` elsewhere binds the patched function. Each patch writes one
+``from rectrain.training.losses import augmented_loss`` elsewhere binds the patched function. Each patch writes one
 line to ``events`` when it fires, which is how a test knows the fault really happened and when.
 
 On SIGUSR1 every process of a run writes its threads' stacks to ``stacks.<pid>.txt`` beside the event log
@@ -185,7 +185,8 @@ def _patch_builtins_open() -> None:
     real = builtins.open
 
     def open(file, mode="r", *a, **k):
-        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)).startswith("metrics.") \
+        # the metrics files, or the temporaries they are written to (".metrics.jsonl.<pid>-<random>.tmp")
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)).lstrip(".").startswith("metrics.") \
                 and any(c in mode for c in "wax"):
             if _count("metrics_open") > int(enospc.get("after", 0)):
                 event("enospc", os.fspath(file))
@@ -195,8 +196,8 @@ def _patch_builtins_open() -> None:
     builtins.open = open
 
 
-_PATCHES = {"rectrain.losses": _patch_losses, "rectrain.arscan": _patch_arscan,
-            "rectrain.transforms": _patch_transforms, "torch": _patch_torch}
+_PATCHES = {"rectrain.training.losses": _patch_losses, "rectrain.data.scan": _patch_arscan,
+            "rectrain.data.transforms": _patch_transforms, "torch": _patch_torch}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
