@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import inspect
 import re
 import sys
 
@@ -64,6 +65,14 @@ class ArgParser(argparse.ArgumentParser):
     the top-level parser, which could only suggest its own flags and would name the wrong command.
     """
 
+    # Values such as -inf, -1e-4 or -.5 are values, not flags (argparse only knows plain negative numbers), so that
+    # `--lr -inf` reaches the flag's own check ("must be a finite number") instead of "expected one argument".
+    NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.I)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
@@ -83,7 +92,7 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = ArgParser(
         prog="rectrain", formatter_class=HelpFormatter,
         description="Fast ResNet training on image folders with aspect-ratio bucketed rectangular batches.",
@@ -93,7 +102,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == command:  # only the chosen command pays for its imports
-            importlib.import_module(module).add_arguments(p)
+            add = importlib.import_module(module).add_arguments
+            add(p, argv) if "argv" in inspect.signature(add).parameters else add(p)
     return parser
 
 
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (also for --help and argument errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
+    parser = build_parser(command if command in COMMANDS else None, argv)
     try:
         if command is not None and command not in COMMANDS:
             parser.error(f"unknown command {command!r}{did_you_mean(command, COMMANDS)}; "

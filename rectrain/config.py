@@ -17,11 +17,11 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from rectrain.archs import ARCH_NAMES
 from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.data.buckets import MULTIPLE, RECT_MODES
 from rectrain.errors import UserError
-from rectrain.model import ARCHS
-from rectrain.training.augment import AugmentationConfig
+from rectrain.training.augment_config import AugmentationConfig
 from rectrain.training.schedule import ResolutionSchedule
 
 # Help sections of `rectrain train --help`, in this order; every field names one in its metadata.
@@ -88,7 +88,7 @@ class TrainConfig:
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
     # --- model ---
-    arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCHS))
+    arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCH_NAMES))
     width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
     initial_checkpoint: str | None = _f(MODEL, None, "fine-tune: start from these weights (a rectrain checkpoint or a "
                                                      "torchvision-layout state dict); another class count "
@@ -223,9 +223,10 @@ RULES: dict[str, tuple] = {
     "max_ratio": (lambda v: v >= 1, "at least 1, e.g. 2.0 for 1:2 .. 2:1"), "crop_scale": _FRACTION_PAIR,
     "val_batch_size": _AT_LEAST_1, "max_decode_failures": _NOT_NEGATIVE, "width": _AT_LEAST_1,
     "epochs": _AT_LEAST_1, "lr": _POSITIVE, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": _NOT_NEGATIVE, "seed": _NOT_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": _NOT_NEGATIVE, "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "min_lr": _NOT_NEGATIVE, "max_steps": _AT_LEAST_1, "device": _DEVICE, "nproc": _AT_LEAST_1,
-    "dist_port": _PORT, "dist_timeout": _POSITIVE, "output": _NOT_EMPTY, "run_name": _NOT_EMPTY,
+    "dist_port": _PORT, "dist_timeout": _POSITIVE, "output": _NOT_EMPTY, "run_name": (lambda v: _plain_name(v), "one folder name (letters, digits, '.', '-', '_'; not '.' or '..', no '/'), "
+                 "e.g. resnet50_lr02: the run's folder under --output"),
     "keep_checkpoints": _NOT_NEGATIVE, "val_every": _AT_LEAST_1, "print_freq": _AT_LEAST_1,
     "hflip": (lambda v: 0 <= v <= 1, "a probability in [0, 1] (0: never flip)"),
     "val_crop": (lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.875"),
@@ -233,6 +234,12 @@ RULES: dict[str, tuple] = {
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,
 }
+
+
+def _plain_name(v: str) -> bool:
+    """A run name is one folder under --output: no path separators, no climbing out, nothing invisible."""
+    return (v not in ("", ".", "..") and "/" not in v and "\\" not in v and v.isprintable() and v == v.strip()
+            and not v.startswith("-"))
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -275,6 +282,40 @@ def _check_combinations(cfg: TrainConfig) -> None:
         ResolutionSchedule.parse(cfg.res_schedule).check_epochs(cfg.epochs)
 
 
+def check_data_dir(data_dir: str) -> None:
+    """UserError unless ``data_dir`` holds a train/ folder, saying what it looks like instead (no torch: it answers
+    before anything heavy is imported)."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} does not exist; point it at a folder holding "
+                        "train/<class>/<images> and val/<class>/<images> (try `rectrain synth --out DIR` for a demo set)")
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        return
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    hint = ""
+    if os.path.basename(os.path.normpath(data_dir)) in ("train", "val") and os.path.isdir(os.path.join(parent, "train")):
+        hint = f"; it looks like the {os.path.basename(os.path.normpath(data_dir))}/ folder itself: pass its parent, " \
+               f"--data_dir {parent}"
+    raise UserError(f"--data_dir {data_dir} has no train/ folder; expected DATA_DIR/train/<class>/<images> "
+                    f"and DATA_DIR/val/<class>/<images>{hint}")
+
+
+def check_resume_path(resume: str | None) -> None:
+    """UserError when --resume names something that is not a checkpoint file, with what to pass instead."""
+    if not resume or resume == "auto" or os.path.isfile(resume):
+        return
+    if os.path.isdir(resume):
+        found = sorted(f for f in os.listdir(resume) if f.endswith(".pth"))
+        if not found and os.path.isdir(os.path.join(resume, "checkpoints")):
+            resume = os.path.join(resume, "checkpoints")
+            found = sorted(f for f in os.listdir(resume) if f.endswith(".pth"))
+        listed = f"pass one of its checkpoints ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found \
+            else "it holds no checkpoint (*.pth)"
+        raise UserError(f"--resume {resume} is a folder, not a checkpoint file: {listed}, e.g. --resume "
+                        f"{os.path.join(resume, found[-1] if found else 'last.pth')}; or --resume auto for the newest "
+                        "of --run_name")
+    raise UserError(f"--resume {resume}: no such checkpoint file (use --resume auto for the newest of this run)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Config files: keys (flag or field spelling) -> typed field values
 
@@ -293,15 +334,15 @@ def _as_bool(v):
 
 
 def _as_int(v):
-    if isinstance(v, bool) or not isinstance(v, (int, str)):
-        raise TypeError
-    return int(v)  # a string is read as on the command line
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError  # "32" is a string: a file's values are typed, as flags are (write 32)
+    return v
 
 
 def _as_float(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise TypeError
-    return float(v)  # strings too: YAML reads 1e-4 as a string
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError  # (YAML files are read with a loader that takes 1e-4 as the number it is)
+    return float(v)
 
 
 def _as_str(v):
@@ -332,7 +373,17 @@ def _convert(f: dataclasses.Field, key: str, value, source: str):
     except (TypeError, ValueError):
         expected += " or null" if optional else ""
         shown = json.dumps(value, default=str)
-        raise UserError(f"{source}: {key} = {shown} must be {expected}") from None
+        unquote = (f" (write {value} without quotes)" if isinstance(value, str) and kind in ("int", "float")
+                   and _is_number(value) else "")
+        raise UserError(f"{source}: {key} = {shown} must be {expected}{unquote}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def config_keys() -> dict[str, tuple[str, bool]]:
@@ -344,6 +395,14 @@ def config_keys() -> dict[str, tuple[str, bool]]:
     return keys
 
 
+# Other tools' names for settings (timm, torchvision's references, common scripts) -> ours, for the did-you-mean.
+ALIASES = {"learning_rate": "lr", "num_workers": "workers", "bs": "batch_size", "img_size": "target_size",
+           "image_size": "target_size", "input_size": "target_size", "model": "arch", "num_epochs": "epochs",
+           "wd": "weight_decay", "smoothing": "label_smoothing", "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
+           "amp": "no_amp", "output_dir": "output", "experiment": "run_name", "warmup": "warmup_epochs",
+           "model_ema_decay": "ema_decay"}
+
+
 def settings_from_mapping(data: dict, source: str) -> dict:
     """Config-file mapping -> {field name: value of the field's type}; one UserError per mistake."""
     keys, by_name = config_keys(), {f.name: f for f in fields(TrainConfig)}
@@ -352,7 +411,8 @@ def settings_from_mapping(data: dict, source: str) -> dict:
         if key == "config":
             raise UserError(f"{source}: a config file cannot name another config file (key 'config')")
         if key not in keys:
-            raise UserError(f"{source}: unknown key {key!r}{did_you_mean(str(key), keys)}; "
+            hint = did_you_mean(str(key), keys) or (f" (did you mean {ALIASES[key]}?)" if key in ALIASES else "")
+            raise UserError(f"{source}: unknown key {key!r}{hint}; "
                             "the keys are the flag names of `rectrain train --help` without the dashes")
         name, inverted = keys[key]
         value = _convert(by_name[name], key, value, source)
@@ -371,6 +431,17 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of setting names to values")
     return settings_from_mapping(data, f"config file {path}")
+
+
+def _yaml_loader(yaml):
+    """PyYAML's safe loader, reading 1e-4 and 5E+3 as the numbers they are (YAML 1.1 wants a dot: 1.0e-4)."""
+    import re
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+    return Loader
 
 
 def _read_mapping(path: str):
@@ -395,7 +466,7 @@ def _read_mapping(path: str):
             with open(path, "rb") as fh:
                 return tomllib.load(fh)
         with open(path) as fh:
-            return json.load(fh) if ext == ".json" else (yaml.safe_load(fh) or {})
+            return json.load(fh) if ext == ".json" else (yaml.load(fh, Loader=_yaml_loader(yaml)) or {})
     except Exception as e:  # a syntax error in the user's file
         raise UserError(f"cannot parse config file {path}: {' '.join(str(e).split())}") from None
 

@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from rectrain.archs import ARCH_LAYERS, PUBLISHED_PARAMS
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -160,20 +162,7 @@ class ResNet(nn.Module):
 
 
 ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (Bottleneck, (3, 8, 36, 3)),
-}
-
-# Parameter counts with 1000 classes, width 64 (He et al. 2016; torchvision's model cards).
-PUBLISHED_PARAMS = {
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
+    name: ({"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers) for name, (block, layers) in ARCH_LAYERS.items()
 }
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from rectrain.config import TrainConfig
+from rectrain.config import TrainConfig, check_resume_path
 from rectrain.errors import UserError
 from rectrain.runtime.metrics import RunPaths
 from rectrain.training import checkpoint as ckpt_io
@@ -36,11 +36,24 @@ from rectrain.training.checkpoint import Checkpointer
 from rectrain.training.loop import TrainState
 from rectrain.training.schedule import LRSchedule
 
-__all__ = ["NOT_INHERITED", "Resume"]
+__all__ = ["NOT_INHERITED", "Resume", "Start"]
 
-# Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume.
-NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "print_freq",
-                 "max_steps"}
+
+@dataclass
+class Start:
+    """Where a process's training starts: the position, the learning-rate schedule, and the epoch row the checkpoint
+    holds (for the metrics files, which may have missed it)."""
+
+    state: TrainState
+    schedule: LRSchedule
+    row: dict | None = None
+
+# Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume (those
+# that differ from the checkpoint's are listed in a note, but for the ones that cannot matter: QUIET).
+NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "max_steps"}
+QUIET = {"resume", "dist_port", "progress"}
+LR_FLAGS = {"lr", "lr_per_256"}
+FINISHED_LR = 1e-12  # a schedule's last rate at or below this (and the min_lr): the run cannot learn any more
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Resume:
     config: TrainConfig
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+    given: frozenset[str] = frozenset()  # the settings chosen now (flags, config file), not from the checkpoint
     _checkpoint: dict | None = field(default=None, repr=False, compare=False)
 
     # -- before the processes start ---------------------------------------------------------------
@@ -64,25 +78,26 @@ class Resume:
             cfg = dataclasses.replace(cfg, resume="auto")
             notes.append(f"note: torchrun restart {restarts}: resuming from the newest checkpoint of this run")
         if not cfg.resume:
-            return cls(cfg, None, notes)
+            return cls(cfg, None, notes, frozenset(given))
         paths = RunPaths.of(cfg.output, cfg.run_name)
         if cfg.resume == "auto":
             found = ckpt_io.find_resumable(paths.ckpt_dir, log=notes.append, mmap=True)
             if found is None:
                 notes.append(f"note: --resume auto found no checkpoint in {paths.ckpt_dir}: starting from scratch")
-                return cls(dataclasses.replace(cfg, resume=None), None, notes)
+                return cls(dataclasses.replace(cfg, resume=None), None, notes, frozenset(given))
             path, peek = found
         else:
-            if not os.path.isfile(cfg.resume):
-                raise UserError(f"--resume {cfg.resume}: no such checkpoint file (use --resume auto for the newest "
-                                "of this run)")
+            check_resume_path(cfg.resume)
             path, peek = cfg.resume, ckpt_io.load(cfg.resume, mmap=True)
             _refuse_foreign_resume(path, paths)
-        merged, changed = _merge_settings(peek.get("config", {}), cfg, given)
+        merged, changed, machine = _merge_settings(peek.get("config", {}), cfg, given)
         merged = dataclasses.replace(merged, resume=path).validate()
         if changed:
             notes.append("note: resuming with the checkpoint's settings, except (flags given now): " + "; ".join(changed))
-        return cls(merged, path, notes)
+        if machine:
+            notes.append("note: settings of this machine and invocation, not taken from the checkpoint: "
+                         + "; ".join(machine))
+        return cls(merged, path, notes, frozenset(given))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_checkpoint": None}  # each spawned rank loads the file itself
@@ -94,14 +109,13 @@ class Resume:
             self._checkpoint = ckpt_io.load(self.path)
         return self._checkpoint
 
-    def restore(self, checkpointer: Checkpointer, planned: LRSchedule, world_size: int,
-                log=print) -> tuple[TrainState, LRSchedule]:
-        """Load the checkpoint into ``checkpointer``'s parts; -> (where training starts, the schedule to follow).
+    def restore(self, checkpointer: Checkpointer, planned: LRSchedule, world_size: int, log=print) -> Start:
+        """Load the checkpoint into ``checkpointer``'s parts; -> where training starts and the schedule to follow.
 
         ``planned``: this run's schedule from its settings. A fresh start returns ``TrainState()`` and it as is."""
         ckpt = self.load()
         if ckpt is None:
-            return TrainState(), planned
+            return Start(TrainState(), planned)
         self._checkpoint = None  # the parts hold what they need: let the tensors go
         path, spe = self.path, checkpointer.steps_per_epoch
         checkpointer.load_parts(path, ckpt)
@@ -120,14 +134,26 @@ class Resume:
             _rescale(state, old_spe, spe, ckpt.get("world_size"), world_size, log)
         schedule = self._continue_lr(ckpt, state, dataclasses.replace(planned, rebased=state.lr_rebased), log)
         log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
-        return state, schedule
+        row = ckpt.get("metrics") or None
+        return Start(state, schedule, row if state.batch_in_epoch == 0 else None)
 
     def _continue_lr(self, ckpt: dict, state: TrainState, schedule: LRSchedule, log) -> LRSchedule:
-        """The schedule, rebased where the settings changed it so that it continues from the checkpoint's last rate."""
+        """The schedule, rebased where the settings changed it so that it continues from the checkpoint's last rate;
+        an extension of a run whose schedule had ended (rate 0) needs the rate to restart from (--lr)."""
         groups = ckpt["optimizer"].get("param_groups") or [{}]
         last_lr = groups[0].get("lr")
-        if last_lr is None:
+        if last_lr is None or state.step >= schedule.total_steps:
             return schedule
+        if last_lr <= max(schedule.min_lr, FINISHED_LR) and _schedule_ended(ckpt):
+            if not (self.given & LR_FLAGS):
+                raise UserError(f"{self.path} finished its learning-rate schedule (rate {last_lr:.3g} at step "
+                                f"{state.step}): the {schedule.total_steps - state.step} new steps would train at that "
+                                "rate. Give the rate to restart from, e.g. --lr 0.01 (a cosine from it down to "
+                                "--min_lr over the new epochs)")
+            log(f"note: extending a finished run: a cosine from --lr {schedule.base_lr:.5g} at step {state.step} "
+                f"down to --min_lr {schedule.min_lr} by step {schedule.total_steps}")
+            state.lr_rebased = (state.step, schedule.base_lr)
+            return dataclasses.replace(schedule, rebased=state.lr_rebased)
         continued = schedule.continuing(state.step, last_lr)
         if continued is not schedule:
             log(f"note: the learning-rate schedule changed on resume (--epochs, --lr or the batch count): it "
@@ -135,6 +161,12 @@ class Resume:
                 f"{schedule.total_steps}")
             state.lr_rebased = continued.rebased
         return continued
+
+
+def _schedule_ended(ckpt: dict) -> bool:
+    """Whether the run that wrote ``ckpt`` had trained all the steps its own settings planned."""
+    cfg, spe = ckpt.get("config") or {}, ckpt.get("steps_per_epoch")
+    return bool(spe and cfg.get("epochs")) and ckpt["step"] >= cfg["epochs"] * spe
 
 
 def _rescale(state: TrainState, old_spe: int, new_spe: int, old_world, new_world: int, log) -> None:
@@ -161,11 +193,18 @@ def _refuse_foreign_resume(path: str, paths: RunPaths) -> None:
                         "(nothing was written)")
 
 
-def _merge_settings(saved: dict, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
+def _merge_settings(saved: dict, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str], list[str]]:
+    """(the merged settings, the run settings given now that differ from the checkpoint's, the machine settings of
+    this invocation that differ from the checkpoint's)."""
     base = TrainConfig.from_checkpoint({k: v for k, v in saved.items() if k not in NOT_INHERITED})
     keep_now = given | NOT_INHERITED
     merged = dataclasses.replace(base, **{k: getattr(cfg, k) for k in keep_now})
     changed = [f"--{k} {getattr(base, k)} -> {getattr(merged, k)}" for k in sorted(given - NOT_INHERITED)
                if k in saved and getattr(base, k) != getattr(merged, k)]
-    return merged, changed
+    machine = [f"--{k} {getattr(merged, k)} (the checkpoint's run: {saved[k]})" for k in sorted(NOT_INHERITED - QUIET)
+               if k in saved and _plain(saved[k]) != _plain(getattr(merged, k))]
+    return merged, changed, machine
 
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v

@@ -17,12 +17,13 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from rectrain.config import TrainConfig
+from rectrain.config import TrainConfig, check_data_dir, check_resume_path
 from rectrain.data.buckets import BucketTable, make_buckets
 from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
@@ -31,31 +32,24 @@ from rectrain.data.scan import SplitScan, scan_split
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, UserError
 from rectrain.model import count_parameters
-from rectrain.resume import Resume
-from rectrain.runtime.distributed import (
-    DistInfo,
-    StopFlag,
-    all_reduce_sum,
-    average_buffers,
-    launch,
-    on_primary,
-    preempted_exit_code,
-    resolve_device,
-)
+from rectrain.resume import Resume, Start
+from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, launch, launch_mode,
+                                          on_primary, preempted_exit_code, resolve_device)
 from rectrain.runtime.io import write_json_atomic
-from rectrain.runtime.logs import close_logger, setup_rank_logger
+from rectrain.runtime.lock import RunLock
+from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
 from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, write_summary
 from rectrain.training.augment import BatchAugment
-from rectrain.training.checkpoint import Checkpointer, Stateful, load_initial_weights
+from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.ema import ModelEma
 from rectrain.training.evaluation import evaluate, reduce_eval
-from rectrain.training.loop import LoopSettings, TrainState, train_one_epoch
+from rectrain.training.loop import LoopSettings, train_one_epoch
 from rectrain.training.parts import OptimSettings, StepParts, build_step_parts, unwrap
 from rectrain.training.schedule import LRSchedule, ResolutionSchedule, describe_lr, final_size, peak_lr, validation_size
 from rectrain.training.step import DeviceNormalize, TrainStep
 from rectrain.training.warmup import compiled_graphs, plan_shapes, warm_up
 
-__all__ = ["train", "preflight", "train_worker", "Trainer", "BucketPlan", "RunData", "RunParts", "plan_buckets",
+__all__ = ["train", "check_inputs", "prepare_run_folder", "preflight", "train_worker", "Trainer", "BucketPlan", "RunData", "RunParts", "plan_buckets",
            "build_data", "build_parts", "weights_digest"]
 
 
@@ -65,32 +59,77 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> int:
     from the defaults), which override a resumed checkpoint's."""
     if given is None:
         given = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default}
-    resume = Resume.plan(cfg, given)
-    fresh = preflight(resume.config)
-    worker = functools.partial(train_worker, resume, fresh)
-    cfg = resume.config
-    return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
+    check_inputs(cfg)
+    owner = owns_the_run()
+    paths = RunPaths.of(cfg.output, cfg.run_name)
+    created = first_missing(paths.run_dir) if owner else None  # removed again if the set-up fails
+    lock = RunLock(paths.run_dir, cfg.run_name)
+    with lock:
+        try:
+            notes = [lock.acquire()] if owner else []
+            resume = Resume.plan(cfg, given)
+            cfg = resume.config
+            if RunPaths.of(cfg.output, cfg.run_name).run_dir != paths.run_dir and owner:
+                lock.release()  # the checkpoint's settings moved the run to its own folder: hold that one instead
+                paths = RunPaths.of(cfg.output, cfg.run_name)
+                created = _remove_created(created) or first_missing(paths.run_dir)
+                lock = RunLock(paths.run_dir, cfg.run_name)
+                notes.append(lock.acquire())
+            resume.notes[:0] = [n for n in notes if n]
+            check_inputs(cfg)
+            prepare_run_folder(cfg)
+        except UserError:
+            lock.release()
+            _remove_created(created)
+            raise
+        worker = functools.partial(train_worker, resume, created)
+        try:
+            return launch(worker, device=cfg.device, nproc=cfg.nproc, port=cfg.dist_port, timeout_s=cfg.dist_timeout)
+        finally:
+            lock.release()
 
 
-def preflight(cfg: TrainConfig) -> bool:
-    """Everything a user can get wrong that we can see before starting processes; creates the run folder and
-    returns whether it is new (a run that fails in its set-up then removes it again: nothing left behind)."""
-    train_dir = os.path.join(cfg.data_dir, "train")
-    if not os.path.isdir(cfg.data_dir):
-        raise UserError(f"--data_dir {cfg.data_dir} does not exist; point it at a folder holding "
-                        "train/<class>/<images> and val/<class>/<images> (try `rectrain synth --out DIR` for a demo set)")
-    if not os.path.isdir(train_dir):
-        raise UserError(f"--data_dir {cfg.data_dir} has no train/ folder; expected DATA_DIR/train/<class>/<images> "
-                        "and DATA_DIR/val/<class>/<images>")
-    if cfg.decode == "gpu":  # say so before anything is written
+def first_missing(path: str) -> str | None:
+    """The topmost folder of ``path`` that does not exist yet (None when ``path`` exists): what a run creates."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _remove_created(created: str | None) -> None:
+    if created:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def owns_the_run() -> bool:
+    """Whether this process holds the run folder's lock: the launcher of spawned ranks, or global rank 0 when
+    torchrun or srun started every rank."""
+    mode = launch_mode()
+    if mode == "torchrun":
+        return os.environ.get("RANK") == "0"
+    if mode == "slurm":
+        return os.environ.get("SLURM_PROCID") == "0"
+    return True
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The mistakes a user can make that we can see before anything is written or any process starts."""
+    check_data_dir(cfg.data_dir)
+    check_resume_path(cfg.resume)
+    if cfg.decode == "gpu":
         resolve_decode(cfg.decode, torch.device(resolve_device(cfg.device)))
     if cfg.initial_checkpoint and not os.path.isfile(cfg.initial_checkpoint):
         raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
+
+
+def prepare_run_folder(cfg: TrainConfig) -> None:
+    """The run folder: refused when it holds another run's checkpoints (without --resume), created and proven
+    writable otherwise."""
     paths = RunPaths.of(cfg.output, cfg.run_name)
     if not cfg.resume and os.path.isdir(paths.ckpt_dir) and any(f.endswith(".pth") for f in os.listdir(paths.ckpt_dir)):
         raise UserError(f"{paths.run_dir} already holds checkpoints: pass --resume auto to continue that run, or "
                         "choose a new --run_name (nothing was overwritten)")
-    fresh = not os.path.exists(paths.run_dir)
     try:
         os.makedirs(paths.ckpt_dir, exist_ok=True)
         probe = os.path.join(paths.run_dir, f".write_test.{os.getpid()}")
@@ -99,11 +138,20 @@ def preflight(cfg: TrainConfig) -> bool:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output {cfg.output} ({e.strerror}); choose a writable folder") from None
-    return fresh
 
 
-def train_worker(resume: Resume, fresh: bool, info: DistInfo) -> int:
-    """One process of the run: its logger, its ``Trainer``, and the one-line errors for user mistakes."""
+def preflight(cfg: TrainConfig) -> None:
+    """Everything ``train`` checks and prepares before it starts processes (for callers that run a Trainer
+    themselves, e.g. `rectrain bench e2e`)."""
+    check_inputs(cfg)
+    prepare_run_folder(cfg)
+
+
+def train_worker(resume: Resume, created: str | None, info: DistInfo) -> int:
+    """One process of the run: its logger, its ``Trainer``, and the one-line errors for user mistakes (printed once,
+    by the command line; the log file keeps them too). ``created``: the folder this run created (its run folder, or
+    the --output above it), removed again when the run fails in its set-up (bad data, a checkpoint that does not
+    fit): a mistake leaves nothing behind."""
     cfg = resume.config
     paths = RunPaths.of(cfg.output, cfg.run_name)
     logger = setup_rank_logger(paths.log_dir, info.rank, echo=info.is_primary)
@@ -117,13 +165,18 @@ def train_worker(resume: Resume, fresh: bool, info: DistInfo) -> int:
         error = UserError(f"out of GPU memory at --batch_size {cfg.batch_size} (rank {info.rank}): lower --batch_size "
                           f"(e.g. {max(1, cfg.batch_size // 2)}, with --lr halved by the linear-scaling rule) or use "
                           "--rect_mode area; `rectrain check` finds a batch size that fits. Resume with --resume auto")
-        logger.error(f"error: {error}")
+        log_to_file(logger, f"error: {error}")
         raise error from None
     except UserError as e:
-        logger.error(f"error: {e}")
-        if fresh and isinstance(e, DataMistake) and info.is_primary:
+        log_to_file(logger, f"error: {e}")
+        # A mistake in the set-up (the data's layout, a checkpoint that does not fit this run): nothing left behind.
+        # Other failures (a storage error while scanning, ...) keep the folder with the logs that say what happened.
+        if trainer is None and info.is_primary and isinstance(e, (DataMistake, CheckpointError)):
             close_logger(logger)
-            shutil.rmtree(paths.run_dir, ignore_errors=True)  # a set-up mistake leaves no empty run folder behind
+            _remove_created(created)
+        raise
+    except Exception:  # our bug: its traceback goes to the rank's log as well as to stderr
+        log_to_file(logger, f"error: the run crashed:\n{traceback.format_exc()}")
         raise
     finally:
         if trainer is not None:
@@ -160,7 +213,9 @@ def plan_buckets(cfg: TrainConfig) -> BucketPlan:
     buckets = make_buckets(final_size(cfg.target_size, cfg.res_schedule), cfg.rect_mode, cfg.max_ratio)
     val_buckets = make_buckets(validation_size(cfg.target_size, cfg.res_schedule, cfg.val_target_size),
                                cfg.rect_mode, cfg.max_ratio)
-    shapes = [buckets.scaled(schedule.at(e)) for e in range(cfg.epochs)] if schedule else None
+    # One table per epoch up to E2 (the schedule's last change); later epochs use the last table (BucketDataset).
+    shapes = [buckets.scaled(schedule.at(e)) for e in range(min(cfg.epochs, schedule.end_epoch + 1))] if schedule \
+        else None
     return BucketPlan(buckets, val_buckets, schedule, shapes)
 
 
@@ -328,6 +383,17 @@ def wrap_models(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, shapes
     return Models(train_model, eval_model)
 
 
+def log_every(print_freq: int, steps_per_epoch: int, given: bool, log) -> int:
+    """Batches per log line: --print_freq, or where it is the default and an epoch is short (a CPU run of a small
+    data set), a quarter of an epoch, so that the first line does not take most of an epoch to appear."""
+    quarter = max(1, steps_per_epoch // 4)
+    if given or print_freq != TrainConfig.print_freq or print_freq <= quarter:  # a chosen value (or a resumed one)
+        return print_freq
+    log(f"note: a log line every {quarter} batch{'es' if quarter != 1 else ''} (a quarter of the "
+        f"{steps_per_epoch}-batch epoch; --print_freq sets another interval)")
+    return quarter
+
+
 class RecompileWatch:
     """Graphs torch.compile builds after the warm-up: a batch shape or input layout the warm-up did not foresee
     (each costs a compilation); warned about once."""
@@ -353,9 +419,10 @@ class Trainer:
     """One process's share of a run: built from its data, parts and start (``build``), then ``fit``."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger, data: RunData, parts: RunParts,
-                 checkpointer: Checkpointer, state: TrainState, schedule: LRSchedule):
+                 checkpointer: Checkpointer, start: Start, print_freq: int | None = None):
         self.cfg, self.info, self.paths, self.logger = cfg, info, paths, logger
-        self.data, self.parts, self.checkpointer, self.state = data, parts, checkpointer, state
+        self.data, self.parts, self.checkpointer, self.state = data, parts, checkpointer, start.state
+        self.resumed_row = start.row  # the checkpoint's epoch row, for the metrics files
         self.device = torch.device(info.device)
         self.is_cuda = self.device.type == "cuda"
         self.log = logger.info  # every rank to its file; the primary also to the console
@@ -367,10 +434,12 @@ class Trainer:
         self.models = wrap_models(parts.model, cfg, info, len(self.train_shapes) + len(self.val_shapes))
         s = parts.step
         self.train_step = TrainStep(self.models.train, s.optimizer, s.scaler, self.normalize, parts.augment,
-                                    s.autocast, schedule, cfg.label_smoothing, s.channels_last, ema=parts.ema)
+                                    s.autocast, start.schedule, cfg.label_smoothing, s.channels_last, ema=parts.ema)
         self.recompiles = RecompileWatch(cfg.compile, self.log)
+        self.print_freq = print_freq or cfg.print_freq
         self.warmup_s: float | None = None  # measured by fit
         self.logged_resolution: int | None = None
+        self.stopped_val: dict | None = None  # validation at a --max_steps stop inside an epoch
 
     @classmethod
     def build(cls, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger, resume: Resume) -> "Trainer":
@@ -382,8 +451,9 @@ class Trainer:
                                         classes=data.classes, steps_per_epoch=data.steps_per_epoch,
                                         keep=cfg.keep_checkpoints, log=log)
             planned = planned_schedule(cfg, data.steps_per_epoch, info.world_size)
-            state, schedule = resume.restore(checkpointer, planned, info.world_size, log)
-            return cls(cfg, info, paths, logger, data, parts, checkpointer, state, schedule)
+            start = resume.restore(checkpointer, planned, info.world_size, log)
+            print_freq = log_every(cfg.print_freq, data.steps_per_epoch, "print_freq" in resume.given, log)
+            return cls(cfg, info, paths, logger, data, parts, checkpointer, start, print_freq)
         except BaseException:
             data.close()
             raise
@@ -396,7 +466,8 @@ class Trainer:
     def _plan_shapes(self):
         """Every batch shape of the run from its start on, for the warm-up (``rectrain.training.warmup``)."""
         loaders, start = self.data.loaders, self.state.epoch
-        tables = [loaders.train_set.shapes_at(e) for e in range(start, self.cfg.epochs)]
+        changing = len(self.data.plan.epoch_shapes or [])  # epochs from here on use the last table
+        tables = [loaders.train_set.shapes_at(e) for e in range(start, min(self.cfg.epochs, max(start, changing) + 1))]
         val = None if loaders.val is None else ([[i for i, _ in b] for b in loaders.val.batch_sampler],
                                                 loaders.val_set.bucket_ids, self.data.plan.val_buckets.shapes)
         return plan_shapes(loaders.train_sampler.global_batches(start), loaders.train_set.bucket_ids, tables, val,
@@ -412,9 +483,9 @@ class Trainer:
         t0 = time.time()
         self.log(describe_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size, self.info.world_size))
         metrics = on_primary(self._open_metrics, "writing config.json and the metrics files", self.log)
-        loop = LoopSettings(steps_per_epoch=self.data.steps_per_epoch, print_freq=cfg.print_freq,
+        loop = LoopSettings(steps_per_epoch=self.data.steps_per_epoch, print_freq=self.print_freq,
                             world_size=self.info.world_size, log=self.log, max_steps=cfg.max_steps,
-                            on_interval=metrics.add_interval if metrics is not None else None, rank=self.info.rank)
+                            on_interval=self._interval_writer(metrics), rank=self.info.rank)
         self.stop.install()
         try:
             if cfg.max_steps is not None and state.step >= cfg.max_steps:  # e.g. a requeued job that got there
@@ -433,9 +504,23 @@ class Trainer:
         if code == 0:
             # Every rank logs a digest of its weights: DDP replicas must be bit-identical.
             self.logger.info(f"final weights sha1 {weights_digest(self.parts.model)}")
-            if self.info.is_primary:
-                self._summary(metrics, time.time() - t0)
+            self._summary(metrics, time.time() - t0)
         return code
+
+    def _interval_writer(self, metrics: MetricsWriter | None):
+        """Rank 0's interval rows into steps.jsonl. A write that fails (a full disk, the folder gone) stops the run
+        with one line naming the file, on every rank at the same step (through the stop flag's agreement)."""
+        if metrics is None:
+            return None
+
+        def write(row: dict) -> None:
+            try:
+                metrics.add_interval(row)
+            except OSError as e:
+                self.stop.fail(UserError(f"writing {e.filename or metrics.steps_jsonl} failed: {e.strerror or e}; "
+                                         "free disk space or choose another --output, then resume with --resume auto "
+                                         "(the last checkpoint is intact)"))
+        return write
 
     def warm_up(self) -> float:
         """Run every shape once before the first epoch (cudnn autotuning, compilation); 0 when there is nothing
@@ -464,6 +549,8 @@ class Trainer:
                 if state.batch_in_epoch < spe:  # --max_steps reached mid-epoch
                     self.log(f"--max_steps {cfg.max_steps} reached at step {state.step}")
                     save("last", state)
+                    if self.data.loaders.val is not None:  # what the weights are worth now, for the summary
+                        self.stopped_val = self._validate(epoch, self.models.eval, f" at step {state.step}")
                     return 0
             self._end_of_epoch()
             row = self._validate_and_row(epoch, stats, warmup_s)
@@ -474,10 +561,14 @@ class Trainer:
                 return preempted_exit_code(self.stop.signum)
             warmup_s = None
             state.next_epoch()
-            save("epoch", state, row)
+            # The row first, then the checkpoint that holds it too: a kill between the two loses neither (a resume
+            # from the previous checkpoint writes the row again; one from this checkpoint restores it).
             on_primary(lambda: metrics.add({k: v for k, v in row.items() if k != "is_best"}),
                        f"writing the metrics of epoch {epoch + 1}", self.log)
+            save("epoch", state, row)
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                if row["val_acc1"] is None and self.data.loaders.val is not None:  # not due: validate the end
+                    self.stopped_val = self._validate(epoch, self.models.eval, f" at step {state.step}")
                 break
         return 0
 
@@ -555,11 +646,39 @@ class Trainer:
 
     def _open_metrics(self) -> MetricsWriter:
         write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), self.cfg.to_dict())
-        return MetricsWriter(self.paths.run_dir, resume_epoch=self.state.epoch + 1)
+        state = self.state
+        resumed = self.cfg.resume is not None
+        metrics = MetricsWriter(self.paths.run_dir, completed=state.epoch if resumed else None,
+                                position=state.epoch + state.batch_in_epoch / self.data.steps_per_epoch,
+                                checkpoint_row=self.resumed_row, log=self.log)
+        for note in metrics.notes:
+            self.log(note)
+        return metrics
 
-    def _summary(self, metrics: MetricsWriter, total_s: float) -> None:
+    def _summary(self, metrics: MetricsWriter | None, total_s: float) -> None:
+        """summary.json, curves.png (also for a run that ended before its first epoch row) and the closing lines;
+        called by every rank (``metrics`` is rank 0's)."""
         run = {"steps": self.state.step, "world_size": self.info.world_size,
                "global_batch": self.cfg.batch_size * self.info.world_size,
                "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"}
-        summary = write_summary(self.paths, metrics.rows, total_s, run)
-        self.log(closing_lines(self.paths, summary))
+
+        def write() -> dict:
+            metrics.redraw()
+            return write_summary(self.paths, metrics.rows, total_s, run, steps=metrics.steps,
+                                 stopped=self._stopped_summary())
+        summary = on_primary(write, "writing summary.json", self.log)  # every rank: it agrees on the outcome
+        if self.info.is_primary:
+            self.log(closing_lines(self.paths, summary, self._no_validation_reason()))
+
+    def _stopped_summary(self) -> dict | None:
+        if self.stopped_val is None:
+            return None
+        s, spe = self.state, self.data.steps_per_epoch
+        return {"step": s.step, "epoch": s.epoch + s.batch_in_epoch / spe, "val_acc1": self.stopped_val["val_acc1"],
+                "val_acc5": self.stopped_val["val_acc5"], "val_loss": self.stopped_val["val_loss"]}
+
+    def _no_validation_reason(self) -> str:
+        """Why a run without a validated epoch has none (the closing line says it)."""
+        if self.data.loaders.val is None:
+            return f"no val/ folder in {self.cfg.data_dir}"
+        return "the run stopped before it validated"  # a stop signal during the last validation

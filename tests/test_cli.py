@@ -159,3 +159,19 @@ def test_train_help_describes_no_switches_as_what_they_turn_off(capsys, monkeypa
     assert entries["--no_cutmix"] == "--no_cutmix turn off CutMix (on by default)"
     assert entries["--no_amp"].startswith("--no_amp turn off mixed precision")
     assert entries["--cutout"] == "--cutout turn on Cutout (square holes) (off by default)"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_commands_flags_and_help_need_no_torch(command):
+    """A typo or --help answers in a fraction of a second: torch (1.5-9 s to import) loads only when a command runs."""
+    code = ("import sys; from rectrain.cli import build_parser; "
+            f"build_parser({command!r}, [{command!r}]).format_help(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_flag_mistake_of_train_answers_before_anything_heavy_is_imported():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "rectrain", "train", "--bogus"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "unknown flag --bogus" in out.stderr
+    assert not [ln for ln in out.stderr.splitlines() if ln.rstrip().endswith("| torch")]

@@ -115,11 +115,30 @@ def test_wrong_type_in_config_file_names_key_value_and_expected_type(tmp_path, k
     assert f"{key} = {json.dumps(value)} must be {expected}" in str(e.value)
 
 
-def test_numbers_written_as_strings_in_a_config_file_are_read_like_flags(tmp_path):
-    # YAML 1.1 reads 1e-4 as a string; a TOML port is naturally an integer
-    path = write_config(tmp_path / "run.toml", {"weight_decay": "1e-4", "batch_size": "64", "dist_port": 12000})
-    cfg = resolve_config(["--config", path])
-    assert (cfg.weight_decay, cfg.batch_size, cfg.dist_port) == (1e-4, 64, "12000")
+@pytest.mark.parametrize("key, value", [("batch_size", "32"), ("weight_decay", "1e-4")])
+def test_numbers_written_as_strings_in_a_config_file_are_refused_as_flags_would_be(tmp_path, key, value):
+    path = write_config(tmp_path / "run.toml", {key: value})
+    with pytest.raises(UserError, match=f"{key} = \"{value}\" must be .* \\(write {value} without quotes\\)"):
+        resolve_config(["--config", path])
+
+
+def test_a_port_written_as_a_number_is_read_as_the_string_the_flag_is(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"dist_port": 12000})
+    assert resolve_config(["--config", path]).dist_port == "12000"
+
+
+def test_yaml_exponents_are_read_as_numbers(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "run.yaml"
+    path.write_text("weight_decay: 1e-4\nlr: 5E-2\n")
+    cfg = resolve_config(["--config", str(path)])
+    assert (cfg.weight_decay, cfg.lr) == (1e-4, 5e-2)
+
+
+def test_a_key_named_as_other_tools_name_it_suggests_ours(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"learning_rate": 0.1})
+    with pytest.raises(UserError, match=r"unknown key 'learning_rate' \(did you mean lr\?\)"):
+        resolve_config(["--config", path])
 
 
 def test_config_file_value_outside_the_choices_is_refused_with_a_suggestion(tmp_path):
@@ -211,7 +230,13 @@ def test_a_typed_slice_takes_the_fields_of_its_name_and_the_overrides():
     (["--nproc", "0"], "--nproc must be at least 1"),
     (["--print_freq", "0"], "--print_freq must be at least 1"),
     (["--val_every", "0"], "--val_every must be at least 1"),
-    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--seed", "-1"], "--seed must be in [0, 2^63)"),
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)"),
+    (["--run_name", "../../x"], "--run_name must be one folder name"),
+    (["--run_name", "/abs/x"], "--run_name must be one folder name"),
+    (["--run_name", "a\nb"], "--run_name must be one folder name"),
+    (["--lr", "-inf"], "--lr must be a finite number"),
+    (["--momentum", "-.5"], "--momentum must be in [0, 1)"),
     (["--lr", "0"], "--lr must be positive"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--max_ratio", "inf"], "--max_ratio must be a finite number"),
@@ -224,7 +249,7 @@ def test_a_typed_slice_takes_the_fields_of_its_name_and_the_overrides():
     (["--dist_timeout", "0"], "--dist_timeout must be positive"),
     (["--dist_port", "70000"], "--dist_port must be a TCP port number"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
-    (["--run_name", ""], "--run_name must be a non-empty string"),
+    (["--run_name", ""], "--run_name must be one folder name"),
     (["--crop_scale", "0.5", "0.1"], "--crop_scale must be two numbers"),
     (["--mixup_alpha", "-1"], "mixup_alpha"),
     (["--warmup_epochs", "10", "--epochs", "5"], "--warmup_epochs must be between 0 and --epochs=5"),

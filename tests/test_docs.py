@@ -265,8 +265,9 @@ def runner():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "numpy", "PIL.Image", "cv2", "matplotlib.figure",
                                 "matplotlib.backends.backend_agg", "rectrain.cli", "rectrain.trainer",
-                                "rectrain.inference", "rectrain.commands.predict", "rectrain.commands.export", "rectrain.commands.check",
-                                "rectrain.commands.model", "rectrain.data.prepare", "rectrain.data.synth", __name__])
+                                "rectrain.inference", "rectrain.commands.predict", "rectrain.commands.export",
+                                "rectrain.checklist", "rectrain.commands.check", "rectrain.commands.model",
+                                "rectrain.data.prepare", "rectrain.data.synth", __name__])
     return ctx
 
 
@@ -414,7 +415,7 @@ def parse_rectrain(argv: list[str]):
     from rectrain.cli import build_parser
     from rectrain.commands.check import OWN_FLAGS
     try:
-        build_parser(argv[0]).parse_args(argv)
+        build_parser(argv[0], argv).parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"`rectrain {' '.join(argv)}` does not parse (exit {e.code})")
     if argv[0] in ("train", "check"):

@@ -18,24 +18,10 @@ import functools
 import json
 import os
 
-import torch
-
-from rectrain.data.buckets import BucketTable
-from rectrain.data.loader import LoaderSettings, build_val_loader
-from rectrain.data.scan import scan_split
-from rectrain.data.workers import cap_workers
 from rectrain.errors import UserError
-from rectrain.inference import inference_autocast, inference_buckets, restore
-from rectrain.runtime.distributed import DistInfo, all_reduce_sum, launch
-from rectrain.training.evaluation import (
-    TTA_MODES,
-    class_totals,
-    evaluate,
-    evaluate_per_class,
-    per_class_report,
-    reduce_eval,
-)
-from rectrain.training.step import DeviceNormalize
+
+# The command's flags need none of torch: everything that does is imported when the command runs.
+TTA_MODES = ("flip",)  # test-time augmentation: the mean softmax of each image and its mirror
 
 JSON_DECIMALS = 6  # floats in --json output: percentages to 1e-6 points, losses to 1e-6 nats
 
@@ -72,6 +58,8 @@ def _rounded(obj):
 
 
 def run(args: argparse.Namespace) -> int:
+    from rectrain.inference import inference_buckets, restore
+    from rectrain.runtime.distributed import launch
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     restored = restore(args.checkpoint, args.ema)  # fail here, once, before any process starts
@@ -84,7 +72,16 @@ def run(args: argparse.Namespace) -> int:
     return launch(worker, device=args.device, nproc=args.nproc, port=args.dist_port)
 
 
-def _eval_worker(args, data_dir: str, info: DistInfo) -> int:
+def _eval_worker(args, data_dir: str, info) -> int:
+    import torch
+
+    from rectrain.data.loader import LoaderSettings, build_val_loader
+    from rectrain.data.scan import scan_split
+    from rectrain.data.workers import cap_workers
+    from rectrain.inference import inference_autocast, inference_buckets, restore
+    from rectrain.runtime.distributed import all_reduce_sum
+    from rectrain.training.evaluation import class_totals, evaluate, evaluate_per_class, per_class_report, reduce_eval
+    from rectrain.training.step import DeviceNormalize
     r = restore(args.checkpoint, args.ema)
     cfg = r.config
     scan = scan_split(data_dir, args.split, classes=r.classes)
@@ -113,7 +110,7 @@ def _eval_worker(args, data_dir: str, info: DistInfo) -> int:
     return 0
 
 
-def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int, buckets: BucketTable) -> None:
+def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int, buckets) -> None:
     if args.json:
         out = {"checkpoint": args.checkpoint, **res, "square": args.square, "tta": args.tta, "ema": args.ema,
                "target_size": buckets.target_size}

@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-
-from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rectrain.archs import ARCH_NAMES
 from rectrain.errors import UserError
-from rectrain.inference import Restored, restore
-from rectrain.model import ARCHS
 from rectrain.runtime.io import atomic_file
+
+if TYPE_CHECKING:  # the flags need no torch: the exporters import it when they run
+    from rectrain.inference import Restored
 
 FORMATS = ("torchvision", "torchscript", "onnx")
 TORCHVISION_WIDTH = 64  # torchvision's ResNets exist at the paper's width only
@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def metadata(r: Restored) -> dict:
     """What a user of the exported file needs besides the weights."""
+    from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     size = r.config.target_size
     return {"arch": r.arch, "width": r.width, "classes": r.classes, "ema": r.ema,
             "input": {"layout": "NCHW float32 RGB", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
@@ -56,7 +57,8 @@ def metadata(r: Restored) -> dict:
 
 # -- the three formats: each writes to the open file ``f`` and returns how to load ``out`` ----------------
 def export_torchvision(r: Restored, f, out: str) -> str:
-    if r.arch not in ARCHS or r.width != TORCHVISION_WIDTH:
+    import torch
+    if r.arch not in ARCH_NAMES or r.width != TORCHVISION_WIDTH:
         raise UserError(f"--format torchvision needs a standard-width ResNet (width {TORCHVISION_WIDTH}); this "
                         f"checkpoint is a {r.arch} of width {r.width}, which torchvision does not have: use "
                         "--format torchscript or onnx")
@@ -70,6 +72,7 @@ def export_torchvision(r: Restored, f, out: str) -> str:
 
 
 def export_torchscript(r: Restored, f, out: str) -> str:
+    import torch
     size = r.config.target_size
     example = torch.randn(2, 3, size, size)
     rect = torch.randn(1, 3, size, size + 32)  # checked: the traced graph must not have fixed the shape
@@ -84,6 +87,7 @@ def export_torchscript(r: Restored, f, out: str) -> str:
 
 
 def export_onnx(r: Restored, f, out: str) -> str:
+    import torch
     missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"--format onnx needs the ONNX exporter's packages: pip install {' '.join(missing)}")
@@ -135,6 +139,7 @@ def write_atomic(out: str, write) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rectrain.inference import restore
     r = restore(args.checkpoint, args.ema)
     how = write_atomic(args.out, lambda f: EXPORTERS[args.format](r, f, args.out))
     weights = "EMA weights" if args.ema else "weights"

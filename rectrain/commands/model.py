@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
+from rectrain.archs import ARCH_NAMES, PUBLISHED_PARAMS
 from rectrain.errors import UserError
-from rectrain.model import ARCHS, PUBLISHED_PARAMS, build_model, count_parameters
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -29,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS), help="architecture (default: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=sorted(ARCH_NAMES), help="architecture (default: resnet50)")
     p.add_argument("--num_classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the test passes (default: 2)")
     p.add_argument("--sizes", default="224x224,224x320,320x224",
@@ -38,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rectrain.model import build_model, count_parameters
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.batch < 1:
         raise UserError("--batch must be at least 1")

@@ -8,12 +8,9 @@ import argparse
 import json
 import sys
 
+from rectrain.commands.eval import TTA_MODES
 from rectrain.data.index import IMAGE_EXTENSIONS
-from rectrain.data.workers import cap_workers
 from rectrain.errors import UserError
-from rectrain.inference import Prediction, find_images, predict_files, restore
-from rectrain.runtime.distributed import resolve_device
-from rectrain.training.evaluation import TTA_MODES
 
 PROB_DECIMALS = 6
 
@@ -34,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rectrain.data.workers import cap_workers
+    from rectrain.inference import find_images, predict_files, restore
+    from rectrain.runtime.distributed import resolve_device
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if args.batch_size < 1:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_json(checkpoint: str, preds: list[Prediction], bad: list[tuple[str, str]]) -> dict:
+def _as_json(checkpoint: str, preds: list, bad: list[tuple[str, str]]) -> dict:
     return {
         "checkpoint": checkpoint,
         "predictions": [{"path": p.path, "input_hw": list(p.input_hw),

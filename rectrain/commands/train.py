@@ -4,7 +4,7 @@ config file, then the run (``rectrain.trainer.train``)."""
 from __future__ import annotations
 
 from rectrain.config import add_arguments as add_config_arguments
-from rectrain.config import given_settings, resolve_config
+from rectrain.config import check_data_dir, check_resume_path, given_settings, resolve_config
 
 __all__ = ["add_arguments", "run"]
 
@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from rectrain.trainer import train
     cfg = resolve_config(args.command_argv, prog="rectrain train")
+    check_data_dir(cfg.data_dir)  # the usual mistakes answer before torch is imported
+    check_resume_path(cfg.resume)
+    from rectrain.trainer import train
     return train(cfg, given=given_settings(args.command_argv))

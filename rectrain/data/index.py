@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rectrain.errors import UserError
+from rectrain.errors import DataMistake
 
 __all__ = ["IMAGE_EXTENSIONS", "LAYOUT", "ImageIndex", "build_index", "class_names", "list_files"]
 
@@ -74,7 +74,7 @@ def _walk_class(class_dir: str, prefix: str, out: list, skipped: dict[str, int],
         st = os.stat(class_dir)
         entries = list(os.scandir(class_dir))
     except OSError as e:
-        raise UserError(f"cannot list {class_dir}: {e.strerror}; check its permissions") from e
+        raise DataMistake(f"cannot list {class_dir}: {e.strerror}; check its permissions") from e
     seen = (seen or set()) | {(st.st_dev, st.st_ino)}
     for entry in entries:
         if entry.name.startswith("."):
@@ -109,11 +109,11 @@ def _class_dirs(split_dir: str, skipped: dict[str, int]) -> list[str]:
 
 def _check_split_dir(data_dir: str, split: str) -> str:
     if not os.path.isdir(data_dir):
-        raise UserError(f"data directory {data_dir} does not exist (or is not a directory); "
+        raise DataMistake(f"data directory {data_dir} does not exist (or is not a directory); "
                         f"expected the layout {LAYOUT}")
     split_dir = os.path.abspath(os.path.join(data_dir, split))
     if not os.path.isdir(split_dir):
-        raise UserError(f"{split_dir} does not exist; expected the layout {LAYOUT}")
+        raise DataMistake(f"{split_dir} does not exist; expected the layout {LAYOUT}")
     return split_dir
 
 
@@ -123,7 +123,7 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
     skipped: dict[str, int] = {}
     found = _class_dirs(split_dir, skipped)
     if not found:
-        raise UserError(f"{split_dir} has no class folders; expected the layout {LAYOUT}")
+        raise DataMistake(f"{split_dir} has no class folders; expected the layout {LAYOUT}")
     if classes is None:
         classes = found
     else:
@@ -131,7 +131,7 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
         unknown = sorted(set(found) - set(classes))
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise UserError(f"{split_dir} has class folder(s) unknown to the training set: {shown}; "
+            raise DataMistake(f"{split_dir} has class folder(s) unknown to the training set: {shown}; "
                             f"val classes must be a subset of train's ({len(classes)} classes)")
     class_id = {c: i for i, c in enumerate(classes)}
     rows, labels = [], []
@@ -140,7 +140,7 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
         _walk_class(os.path.join(split_dir, name), name + "/", rows, skipped)
         labels += [class_id[name]] * (len(rows) - before)
     if not rows:
-        raise UserError(f"{split_dir} has {len(found)} class folder(s) but no image files "
+        raise DataMistake(f"{split_dir} has {len(found)} class folder(s) but no image files "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); expected the layout {LAYOUT}")
     paths = np.array([r[0] for r in rows], dtype=str)
     order = np.argsort(paths, kind="stable")

@@ -358,7 +358,7 @@ def on_primary(fn, what: str, log=None):
         try:
             result = fn()
         except UserError as e:
-            error = str(e)
+            error = (type(e), str(e))  # the kind of mistake travels too (a data mistake leaves no run folder)
         except OSError as e:
             error = f"{what} failed: {e.strerror or e}{' (' + e.filename + ')' if e.filename else ''}; free disk " \
                     "space or choose another --output, then resume with --resume auto"
@@ -370,10 +370,12 @@ def on_primary(fn, what: str, log=None):
     return result
 
 
-def raise_primary_error(error: str | None, cls: type[UserError] = UserError) -> None:
+def raise_primary_error(error: str | tuple | None, cls: type[UserError] = UserError) -> None:
     """Raise rank 0's failure (a message every rank received) on this rank, saying where it happened: each rank
     prints its error, and whichever exits first must not seem to be the one that failed."""
     if error:
+        if isinstance(error, tuple):
+            cls, error = error
         primary = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         raise cls(error if primary else f"rank 0 stopped the run: {error}")
 

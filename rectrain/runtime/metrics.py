@@ -66,32 +66,60 @@ STEP_FIELDS = ["step", "epoch", "lr", "train_loss", "images_per_sec", "data_wait
 class MetricsWriter:
     """Rank 0's metric files: epoch rows (metrics.jsonl/csv), interval rows (steps.jsonl), curves.png.
 
-    ``resume_epoch`` is the 1-based epoch the run is about to (re)start. The files already in
-    ``run_dir`` are read back and cut so they describe one consistent history: epoch rows with
-    ``epoch >= resume_epoch`` are dropped, and so are interval rows with ``epoch > resume_epoch - 1``
-    (their fractional epoch lies past the end of the last completed epoch). After a mid-epoch resume
-    the dropped rows of the interrupted epoch are not all logged again (training continues from the
-    saved batch), so steps.jsonl may show a gap there; nothing is ever duplicated. Without
-    ``resume_epoch`` the files start empty.
+    A resumed run passes where it continues from: ``completed`` epochs (its checkpoint's ``epoch``) and
+    ``position``, the same in fractional epochs (``epoch + batch_in_epoch / steps_per_epoch``). The files already in
+    ``run_dir`` are read back and cut to the history that led to that checkpoint: epoch rows of later epochs and
+    interval rows past ``position`` (written after the checkpoint by a run that was then killed) are dropped and will
+    be written again; every row up to the checkpoint is kept, so a stopped-and-resumed run ends with the records
+    of an uninterrupted one. ``checkpoint_row``: the epoch row the checkpoint itself holds, restored when the file
+    lacks it (a kill between a save and its row). A line that cannot be read (a torn write of an older rectrain) is
+    dropped, and the files are rewritten whole. Without ``completed`` the files start empty.
     """
 
-    def __init__(self, run_dir: str, resume_epoch: int | None = None):
+    def __init__(self, run_dir: str, completed: int | None = None, position: float | None = None,
+                 checkpoint_row: dict | None = None, log=None):
         self.run_dir = run_dir
         self.jsonl = os.path.join(run_dir, "metrics.jsonl")
         self.csv = os.path.join(run_dir, "metrics.csv")
         self.steps_jsonl = os.path.join(run_dir, "steps.jsonl")
         self.png = os.path.join(run_dir, "curves.png")
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.rows: list[dict] = []   # epoch rows, oldest first
         self.steps: list[dict] = []  # interval rows, oldest first
-        if resume_epoch is not None:
-            self.rows = [r for r in _read_jsonl(self.jsonl) if r.get("epoch", 0) < resume_epoch]
-            self.steps = [r for r in _read_jsonl(self.steps_jsonl) if r.get("epoch", 0) <= resume_epoch - 1]
+        self.notes: list[str] = []   # what was repaired on reading the files back
+        if completed is not None:
+            self.rows = [r for r in self._read(self.jsonl) if r.get("epoch", 0) <= completed]
+            end = completed if position is None else position
+            self.steps = [r for r in self._read(self.steps_jsonl) if r.get("epoch", 0) <= end + 1e-9]
+            row = {k: v for k, v in (checkpoint_row or {}).items() if k != "is_best"}
+            if row.get("epoch") == completed and completed not in {r.get("epoch") for r in self.rows}:
+                self.rows.append(row)
+                self.notes.append(f"note: the metrics row of epoch {completed} was missing from {self.jsonl} (the run "
+                                  "was stopped between its checkpoint and the row): restored from the checkpoint")
         self._step_lines = [json.dumps(r) + "\n" for r in self.steps]  # encoded once: rewrites only join them
+        self._warned_folder = False
+        os.makedirs(run_dir, exist_ok=True)
         self._write_epochs()
         self._write_steps(fsync=True)
         self.tb = _tensorboard(os.path.join(run_dir, "tensorboard"))
 
+    def _read(self, path: str) -> list[dict]:
+        rows, bad = _read_jsonl(path)
+        if bad:
+            self.notes.append(f"note: {bad} unreadable line(s) of {path} dropped (a torn write): the file is rewritten")
+        return rows
+
+    def _folder(self) -> None:
+        """The run folder, recreated (with a warning, once) if it disappeared while the run was writing to it."""
+        if not os.path.isdir(self.run_dir):
+            os.makedirs(self.run_dir, exist_ok=True)
+            if not self._warned_folder:
+                self._warned_folder = True
+                self.log(f"warning: the run folder {self.run_dir} was removed while the run wrote to it: recreated "
+                         "(the records before now are lost; checkpoints are written again from the next one on)")
+
     def _write_epochs(self) -> None:
+        self._folder()
         atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         text = io.StringIO(newline="")
         w = _csv_writer(text)
@@ -100,6 +128,7 @@ class MetricsWriter:
         atomic_write(self.csv, text.getvalue())
 
     def _write_steps(self, fsync: bool) -> None:
+        self._folder()
         atomic_write(self.steps_jsonl, "".join(self._step_lines), fsync=fsync)
 
     def add(self, row: dict) -> None:
@@ -141,11 +170,25 @@ def _csv_writer(f) -> csv.DictWriter:
     return csv.DictWriter(f, fieldnames=EPOCH_FIELDS, restval="", extrasaction="ignore")
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str) -> tuple[list[dict], int]:
+    """The rows of a JSON-lines file, and how many lines could not be read."""
     if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [], 0
+    rows, bad = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
 
 
 def _tensorboard(path: str):
@@ -160,15 +203,22 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def write_summary(paths: RunPaths, rows: list[dict], total_s: float, run: dict) -> dict:
-    """``summary.json``: best and final top-1/top-5, time, mean images/s, warm-up time, plus ``run``'s keys."""
+def write_summary(paths: RunPaths, rows: list[dict], total_s: float, run: dict, steps: list[dict] | None = None,
+                  stopped: dict | None = None) -> dict:
+    """``summary.json``: best and final top-1/top-5, time, mean images/s, warm-up time, plus ``run``'s keys.
+
+    ``stopped``: the validation of a run that ended inside an epoch (``--max_steps``), at its ``step`` and fractional
+    ``epoch``: the final accuracy (the best stays the best epoch row's). ``steps``: interval rows, for the mean
+    images/s of a run without a whole epoch."""
     vals = [r for r in rows if r.get("val_acc1") is not None]
     best = max(vals, key=lambda r: r["val_acc1"]) if vals else {}
-    ips = [r["images_per_sec"] for r in rows if r.get("images_per_sec")]
+    final = stopped or (vals[-1] if vals else {})
+    ips = [r["images_per_sec"] for r in rows if r.get("images_per_sec")] or \
+        [r["images_per_sec"] for r in steps or [] if r.get("images_per_sec")]
     summary = {
         "epochs": len(rows), "best_acc1": best.get("val_acc1"), "best_acc5": best.get("val_acc5"),
-        "best_epoch": best.get("epoch"),
-        "final_acc1": vals[-1]["val_acc1"] if vals else None, "final_acc5": vals[-1]["val_acc5"] if vals else None,
+        "best_epoch": best.get("epoch"), "final_acc1": final.get("val_acc1"), "final_acc5": final.get("val_acc5"),
+        "final_epoch": final.get("epoch"),
         "total_time_s": total_s, "mean_images_per_sec": sum(ips) / len(ips) if ips else None,
         "warmup_s": sum(r.get("warmup_s") or 0.0 for r in rows), **run,
     }
@@ -176,11 +226,18 @@ def write_summary(paths: RunPaths, rows: list[dict], total_s: float, run: dict) 
     return summary
 
 
-def closing_lines(paths: RunPaths, summary: dict) -> str:
-    """The end of a run: the best top-1, and where every output went."""
-    best = (f"best top-1 {summary['best_acc1']:.2f}% (epoch {summary['best_epoch']})"
-            if summary.get("best_acc1") is not None else "no validation (no val/ folder, or --val_every beyond the run)")
-    return (f"done in {summary['total_time_s']:.0f} s: {best}\n"
+def closing_lines(paths: RunPaths, summary: dict, no_validation: str = "no val/ folder") -> str:
+    """The end of a run: the best top-1 (or the last validation, or why there was none), and where every output
+    went."""
+    if summary.get("best_acc1") is not None:
+        result = f"best top-1 {summary['best_acc1']:.2f}% (epoch {summary['best_epoch']})"
+        if summary.get("final_epoch") not in (None, summary["best_epoch"]):
+            result += f", last {summary['final_acc1']:.2f}% (epoch {summary['final_epoch']:.4g})"
+    elif summary.get("final_acc1") is not None:
+        result = f"top-1 {summary['final_acc1']:.2f}% at the stop (epoch {summary['final_epoch']:.3g})"
+    else:
+        result = f"no validation ({no_validation})"
+    return (f"done in {summary['total_time_s']:.0f} s: {result}\n"
             f"  checkpoints: {paths.ckpt_dir}\n  logs:        {paths.log_dir}\n"
             f"  metrics:     {os.path.join(paths.run_dir, 'metrics.csv')} (and metrics.jsonl, steps.jsonl)\n"
             f"  plot:        {os.path.join(paths.run_dir, 'curves.png')}\n"

@@ -69,6 +69,11 @@ def load(path: str, map_location="cpu", mmap: bool = False) -> dict:
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {load_failure_reason(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
+        weights = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in
+                                                            (ckpt.get("state_dict") or ckpt).values())
+        if weights:
+            raise CheckpointError(f"{path} holds weights only (a state dict), not a run to continue: to start a new "
+                                  f"run from these weights pass --initial_checkpoint {path} instead")
         raise CheckpointError(f"checkpoint {path} is not a rectrain checkpoint (no 'model' entry)")
     version = ckpt.get("format_version", 0)
     if version > FORMAT_VERSION:

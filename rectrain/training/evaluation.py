@@ -14,10 +14,7 @@ import torch
 from rectrain.data.failures import guarded
 from rectrain.runtime.distributed import StopFlag, all_reduce_sum
 
-__all__ = ["evaluate", "reduce_eval", "log_probs", "evaluate_per_class", "per_class_report", "class_totals",
-           "TTA_MODES"]
-
-TTA_MODES = ("flip",)
+__all__ = ["evaluate", "reduce_eval", "log_probs", "evaluate_per_class", "per_class_report", "class_totals"]
 
 
 @torch.no_grad()

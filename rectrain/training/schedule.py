@@ -151,7 +151,9 @@ class ResolutionSchedule:
         """The distinct sizes epochs ``first_epoch`` .. ``epochs - 1`` use, in order of first use (so the
         trainer can build and warm up each bucket table before its first epoch; on resume, pass the
         resume epoch as ``first_epoch``)."""
-        return list(dict.fromkeys(self.at(e) for e in range(first_epoch, epochs)))
+        changing = range(first_epoch, min(epochs, self.end_epoch + 1))  # after E2 the size stays END
+        tail = [self.end] if epochs > max(first_epoch, self.end_epoch + 1) else []
+        return list(dict.fromkeys([*(self.at(e) for e in changing), *tail]))
 
     def check_epochs(self, epochs: int) -> None:
         """UserError when a run of ``epochs`` epochs (0 .. epochs-1) would end before reaching END."""

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from rectrain import checklist as check
 from rectrain.cli import main
-from rectrain.commands import check
+from rectrain.commands import check as check_cmd
 from rectrain.config import resolve_config
 from rectrain.data.scan import scan_split
 from rectrain.data.synth import make_synthetic
@@ -85,7 +86,7 @@ def test_options_come_from_a_config_file_too(data, tmp_path, capsys):
 
 def test_own_flags_are_not_passed_to_the_training_config():
     argv = ["--json", "--data_dir", "d", "--no_loader", "--batch_size", "8"]
-    assert check._training_argv(argv) == ["--data_dir", "d", "--batch_size", "8"]
+    assert check_cmd._training_argv(argv) == ["--data_dir", "d", "--batch_size", "8"]
 
 
 # -- dataset layout ---------------------------------------------------------------------------------

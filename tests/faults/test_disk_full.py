@@ -21,15 +21,16 @@ def _variants():
             yield pytest.param(what, nproc, marks=marks, id=f"{what}-{nproc}p")
 
 
-@pytest.mark.fault(case="7 disk full", fault="ENOSPC while writing epoch 2's checkpoint or epoch 1's metrics row")
+@pytest.mark.fault(case="7 disk full", fault="ENOSPC while writing epoch 2's checkpoint or its metrics row")
 @pytest.mark.parametrize("what,nproc", list(_variants()))
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_every_rank_with_one_line(what, nproc, data_dir, tmp_path,
                                                                                      outcome):
     out = tmp_path / "out"
     flags = h.REF1 if nproc == 1 else [*h.REF2, *h.ddp()]
-    # checkpoint: the first save (epoch 1) succeeds, the second fails half-written. metrics: the run opens
-    # metrics.jsonl and metrics.csv once when it starts; the next write (epoch 1's row) fails.
-    fault = {"enospc": {"what": what, "after": 1 if what == "checkpoint" else 2, "rank": 0}}
+    # checkpoint: the first save (epoch 1) succeeds, the second fails half-written. metrics: the run writes
+    # metrics.jsonl and metrics.csv when it starts and with epoch 1's row (before its checkpoint); the next write,
+    # epoch 2's row, fails.
+    fault = {"enospc": {"what": what, "after": 1 if what == "checkpoint" else 4, "rank": 0}}
     if nproc == 2:
         fault.update(h.hold(0))
     run = h.start(h.train_args(data_dir, out, "f", *flags), tmp_path / "run", fault=fault)

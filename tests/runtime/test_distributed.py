@@ -4,14 +4,8 @@ import signal
 import pytest
 
 from rectrain.errors import UserError
-from rectrain.runtime.distributed import (
-    StopFlag,
-    check_multinode_env,
-    expand_slurm_nodelist,
-    launch_mode,
-    preempted_exit_code,
-    slurm_to_env,
-)
+from rectrain.runtime.distributed import (StopFlag, check_multinode_env, expand_slurm_nodelist, launch_mode,
+                                          preempted_exit_code, slurm_to_env)
 
 
 def test_expand_slurm_nodelist_handles_ranges_lists_and_padding():

@@ -18,17 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from rectrain.runtime.io import (
-    atomic_file,
-    atomic_write,
-    is_temporary,
-    pool_map,
-    process_pool,
-    remove_temporaries,
-    temporary_path,
-    usable_cores,
-    write_json_atomic,
-)
+from rectrain.runtime.io import (atomic_file, atomic_write, is_temporary, pool_map, process_pool, remove_temporaries,
+                                  temporary_path, usable_cores, write_json_atomic)
 
 
 def temporaries(folder) -> list[str]:

@@ -126,25 +126,56 @@ def test_interval_rows_go_to_tensorboard_under_step(tmp_path, monkeypatch):
     assert all(tag.startswith("step/") and step == 3 for tag, _, step in scalars)
 
 
-def test_resume_drops_rows_from_the_resumed_epoch_on(tmp_path):
+def test_resume_keeps_the_rows_of_the_completed_epochs_only(tmp_path):
     w = MetricsWriter(str(tmp_path))
     for e in (1, 2, 3):
         w.add(_row(e))
-    w = MetricsWriter(str(tmp_path), resume_epoch=3)
+    w = MetricsWriter(str(tmp_path), completed=2)  # a checkpoint of epoch 2: epoch 3's row is written again
     assert [r["epoch"] for r in w.rows] == [1, 2]
     w.add(_row(3))
     lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert len(lines) == 4  # header + epochs 1..3, no duplicate of epoch 3
 
 
-def test_resume_drops_interval_rows_after_the_last_completed_epoch(tmp_path):
+def test_resume_keeps_the_interval_rows_up_to_the_checkpoint_mid_epoch(tmp_path):
     w = MetricsWriter(str(tmp_path))
     for s in range(1, 11):  # 4 steps per epoch: epochs 0.25 .. 2.5
         w.add_interval(_interval(s))
-    w = MetricsWriter(str(tmp_path), resume_epoch=2)  # epoch 1 completed; epoch 2 starts again
+    w = MetricsWriter(str(tmp_path), completed=1, position=1.5)  # stopped at batch 2 of epoch 2
     kept = [r["epoch"] for r in w.steps]
-    assert kept == [0.25, 0.5, 0.75, 1.0]
+    assert kept == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # the interrupted epoch's rows before the stop stay
     assert [r["epoch"] for r in _read_jsonl(tmp_path / "steps.jsonl")] == kept
+
+
+def test_a_missing_epoch_row_is_restored_from_the_checkpoint(tmp_path):
+    w = MetricsWriter(str(tmp_path))
+    w.add(_row(1))
+    w = MetricsWriter(str(tmp_path), completed=2, checkpoint_row={**_row(2), "is_best": True})
+    assert [r["epoch"] for r in w.rows] == [1, 2] and "is_best" not in w.rows[1]
+    assert any("restored from the checkpoint" in n for n in w.notes)
+    assert [r["epoch"] for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_torn_line_is_dropped_and_the_file_rewritten_whole(tmp_path):
+    w = MetricsWriter(str(tmp_path))
+    for s in (1, 2):
+        w.add_interval(_interval(s))
+    with open(tmp_path / "steps.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 0.7')  # an older rectrain's append, cut by a full disk
+    w = MetricsWriter(str(tmp_path), completed=0, position=1.0)
+    assert [r["step"] for r in w.steps] == [1, 2] and any("unreadable line" in n for n in w.notes)
+    assert [r["step"] for r in _read_jsonl(tmp_path / "steps.jsonl")] == [1, 2]
+
+
+def test_a_removed_run_folder_is_recreated_with_a_warning(tmp_path):
+    import shutil
+    said = []
+    w = MetricsWriter(str(tmp_path / "run"), log=said.append)
+    shutil.rmtree(tmp_path / "run")
+    w.add_interval(_interval(1))
+    w.add(_row(1))
+    assert [r["step"] for r in _read_jsonl(tmp_path / "run" / "steps.jsonl")] == [1]
+    assert len(said) == 1 and "was removed while the run wrote to it" in said[0]
 
 
 def test_fresh_writer_starts_empty_files(tmp_path):

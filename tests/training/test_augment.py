@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from rectrain.errors import UserError
-from rectrain.training.augment import (
-    AugmentationConfig,
-    AugmentationConfigError,
-    BatchAugment,
-    apply_augmentations,
-    cutmix_box,
-)
+from rectrain.training.augment import (AugmentationConfig, AugmentationConfigError, BatchAugment, apply_augmentations,
+                                       cutmix_box)
 
 NONE_ON = dict(use_mixup=False, use_cutmix=False, use_random_erasing=False, use_cutout=False)
 

@@ -42,19 +42,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from rectrain.commands.bench.common import (
-    Column,
-    cpu_cores,
-    describe_machine,
-    device_of,
-    emit,
-    machine,
-    parse_list,
-    peak_memory_gb,
-    reset_peak_memory,
-    sync,
-    table,
-)
+from rectrain.commands.bench import BENCHES
+from rectrain.commands.bench.common import (Column, cpu_cores, describe_machine, device_of, emit, machine, parse_list,
+                                             peak_memory_gb, reset_peak_memory, sync, table)
 from rectrain.commands.bench.model import no_augment
 from rectrain.commands.bench.standard import StandardDataset, standard_transform
 from rectrain.data import gpu_decode as gd
@@ -71,8 +61,7 @@ from rectrain.training.schedule import LRSchedule
 from rectrain.training.step import DeviceNormalize, TrainStep
 from rectrain.training.warmup import batch_shapes, compiled_graphs, warm_up
 
-HELP = "the seed's Speed Comparison table (fp32 baseline, + AMP, + buckets, + batch aug, + channels_last, " \
-       "+ compile, + GPU decode, area mode) measured side by side on the same files"
+HELP = BENCHES["ablation"]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch
 
+from rectrain.commands.bench import BENCHES
 from rectrain.commands.bench.common import describe_machine, device_of, emit, machine, peak_memory_gb, reset_peak_memory
 from rectrain.config import TrainConfig, resolve_config
 from rectrain.config import add_arguments as add_train_arguments
@@ -37,7 +38,7 @@ from rectrain.runtime.logs import close_logger, setup_rank_logger
 from rectrain.runtime.metrics import RunPaths
 from rectrain.trainer import Trainer, preflight
 
-HELP = "the real training loop from an image folder for K steps after the warm-up: images/s, data wait, memory"
+HELP = BENCHES["e2e"]
 
 
 def _bench_flags(p: argparse.ArgumentParser) -> None:

@@ -13,13 +13,14 @@ import time
 
 import torch
 
+from rectrain.commands.bench import BENCHES
 from rectrain.commands.bench.common import cpu_cores
 from rectrain.data.buckets import RECT_MODES, make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
 from rectrain.data.scan import scan_split
 from rectrain.errors import UserError
 
-HELP = "decoded images/s of the training loader (workers, crops, batches), end to end from the files"
+HELP = BENCHES["loader"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,27 +28,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rectrain.commands.bench.common import (
-    Column,
-    describe_machine,
-    device_of,
-    emit,
-    machine,
-    parse_list,
-    parse_shapes,
-    peak_memory_gb,
-    reset_peak_memory,
-    step_times_ms,
-    sync,
-    table,
-)
+from rectrain.commands.bench import BENCHES
+from rectrain.commands.bench.common import (Column, describe_machine, device_of, emit, machine, parse_list,
+                                             parse_shapes, peak_memory_gb, reset_peak_memory, step_times_ms, sync,
+                                             table)
 from rectrain.errors import UserError
 from rectrain.model import ARCHS, build_model
 from rectrain.training.parts import PRECISIONS, build_step_parts
 from rectrain.training.schedule import LRSchedule
 from rectrain.training.step import DeviceNormalize, TrainStep
 
-HELP = "training steps of the model alone on device tensors: images/s, peak memory, MFU, fused vs foreach SGD"
+HELP = BENCHES["model"]
 
 DTYPES = PRECISIONS
 FORMATS = ("channels_last", "contiguous")
