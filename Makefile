@@ -24,6 +24,7 @@ DEMO_ARGS ?= --epochs 6 --batch_size 32 --lr 0.1 --warmup_epochs 1 --target_size
 demo: setup
 	test -d $(DEMO_DATA)/train || $(PY) -m rectrain synth --out $(DEMO_DATA) --classes 8 \
 	    --train_per_class 50 --val_per_class 15 --kind tiny --seed 0
+	@if [ -d runs_rect_ddp/demo ]; then echo "make demo: removing the previous demo run runs_rect_ddp/demo (keep it: rename it first)"; fi
 	rm -rf runs_rect_ddp/demo
 	$(PY) train_g4.dn_12xlarge.py --data_dir $(DEMO_DATA) $(DEMO_ARGS)
 

@@ -35,18 +35,20 @@ ACTIONS = [
     ("1 kill -9", "Run the same command again with `--resume auto`: it takes the newest checkpoint that loads "
                   "(end of an epoch, or a mid-epoch stop) and continues with the same data order, so the run ends "
                   "as if it had not been killed. Work since that checkpoint is redone."),
-    ("2 SIGTERM/SIGINT", "Exit status 143 (SIGTERM) or 130 (SIGINT): `last.pth` was saved at the next step boundary. "
-                         "Requeue the same command with `--resume auto` (SLURM: `#SBATCH --requeue` and "
-                         "`--signal=TERM@120` so the job is told before its time ends). A second Ctrl-C stops at "
-                         "once, without saving."),
+    ("2 stop signals", "Exit status 128 + the signal (143 SIGTERM, 130 SIGINT, 129 SIGHUP, 138 SIGUSR1): `last.pth` "
+                       "was saved at the next step boundary. Requeue the same command with `--resume auto` (SLURM: "
+                       "`#SBATCH --requeue` and `--signal=USR1@120` or `TERM@120` so the job is told before its time "
+                       "ends). A second Ctrl-C stops at once, without saving."),
     ("3 rank failure", "The job exits non-zero and the first error line names the failed rank; its own log is "
                        "`logs/rank{R}.log`. Fix the cause, then `--resume auto`. Under `torchrun --max-restarts N` "
                        "put `--resume auto` in the command: a restart then continues from the last checkpoint."),
     ("4 resume across changes", "Another `--nproc` or `--batch_size`: `--resume auto` keeps the position in the "
                                 "learning-rate schedule (a mid-epoch checkpoint restarts its epoch). To continue "
                                 "another run's checkpoint, give it a new folder: `--resume PATH --run_name NEW`."),
-    ("5 corrupt checkpoint", "`--resume auto` skips a checkpoint that does not load (the log says which and why) and "
-                             "takes the previous one; `--resume PATH` refuses it with the reason: pick another file."),
+    ("5 corrupt checkpoint", "`--resume auto` takes the checkpoint furthest in training (by the step recorded "
+                             "inside, not the file time), skips one that does not load or fails its CRC check (the "
+                             "log says which and why) and takes the previous one; `--resume PATH` refuses it with "
+                             "the reason: pick another file."),
     ("6 bad images", "Nothing to do for odd but valid images. Unusable files are excluded and listed: "
                      "`rectrain scan --data_dir D` prints each with its reason; fix or delete them. Files that stop "
                      "decoding during a run are replaced and counted; past `--max_decode_failures` the run stops "
@@ -60,17 +62,26 @@ ACTIONS = [
     ("10 uneven DDP data", "Nothing to do: every rank takes part in every step and validation counts every image "
                            "once."),
     ("11 data set changes", "Nothing to do: the scan cache is keyed by the file list (paths, sizes, modification "
-                            "times) and rebuilt when it changes. `rectrain scan` shows the new counts."),
+                            "times) and rebuilt when it changes. A file replaced with its size and time kept (`cp -p`, "
+                            "`rsync -t`) keeps its cached size: its crop is placed by fractions of the real image, "
+                            "so it may shift but never breaks, and a file that no longer decodes is replaced in its "
+                            "batch and counted. `rectrain scan --rescan` (or deleting the cache) reads it afresh. `rectrain scan` shows the new counts."),
     ("12 process exit", "The process exits by itself when a run ends and after a crash. If one ever stays after "
                         "its last line (see the known defects above), its checkpoints and outputs are complete: end "
                         "it with `kill PID` and carry on."),
+    ("13 two runs, one folder", "The second run stops at once (exit 2) naming the holder's host and PID: wait for "
+                                "it, stop it, or pass another `--run_name`. A lock left by a run that died (kill -9 "
+                                "included) is taken over with a note."),
+    ("14 records", "Nothing to do: `--resume auto` keeps every metrics and step row written before the stop, "
+                   "rebuilds an epoch row a kill lost from the checkpoint, and drops a torn last line. A full disk "
+                   "ends in one line naming the file: free space, then `--resume auto`."),
 ]
 
 EXIT_CODES = [
     ("0", "finished", "done"),
     ("2", "user error: one line says what to change (flag, data, disk, NaN, corrupt checkpoint)",
      "do not requeue as is: fix, then `--resume auto`"),
-    ("143 / 130 (128 + signal)", "stopped by SIGTERM / SIGINT after saving `last.pth`",
+    ("143 / 130 / 129 / 138 (128 + signal)", "stopped by SIGTERM / SIGINT / SIGHUP / SIGUSR1 after saving `last.pth`",
      "preempted: requeue with `--resume auto`"),
     ("1", "crash: a bug or a failed rank (traceback in the log)",
      "read `logs/rank*.log`; after a fix, `--resume auto`"),

@@ -29,7 +29,7 @@ import torch
 
 from rectrain.config import TrainConfig
 from rectrain.data.buckets import make_buckets
-from rectrain.data.index import FileList, list_files
+from rectrain.data.index import FileList, describe_skipped, list_files, missing_classes
 from rectrain.data.scan import INLINE_BELOW, BadImage, CacheStatus, SplitScan, cache_status, read_size
 from rectrain.data.workers import cap_workers
 from rectrain.errors import UserError
@@ -198,6 +198,9 @@ def check_train_split(state: _State) -> Item:
     except UserError as e:
         return Item("train data", "fail", str(e), "point --data_dir at DATA_DIR holding train/<class>/<images>")
     text, details = _split_summary(state.train)
+    skipped = describe_skipped(state.train.index)
+    if skipped:
+        text += "; skipped " + "; ".join(skipped)
     return Item("train data", "pass", f"{state.train.index.split_dir}: {text}", None, details)
 
 
@@ -214,8 +217,14 @@ def check_val_split(state: _State) -> Item:
         return Item("val data", "fail", str(e), "give val/ only class folders that train/ has, each with images")
     present = np.flatnonzero(_class_counts(state.val))
     text = f"{len(state.val.index):,} images in {len(present):,} of train's {len(state.train.index.classes):,} classes"
-    return Item("val data", "pass", f"{state.val.index.split_dir}: {text}", None,
-                {"images": len(state.val.index), "classes": len(present)})
+    details = {"images": len(state.val.index), "classes": len(present)}
+    missing = missing_classes(state.train.index, state.val.index)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        return Item("val data", "warn", f"{state.val.index.split_dir}: {text}; no val images for {shown}: their "
+                    "accuracy is never measured", "add val/<class>/ images for those classes",
+                    {**details, "missing": missing})
+    return Item("val data", "pass", f"{state.val.index.split_dir}: {text}", None, details)
 
 
 def check_empty_classes(state: _State) -> Item:

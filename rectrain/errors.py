@@ -14,3 +14,10 @@ class UserError(Exception):
 class DataMistake(UserError):
     """A mistake in the data set that a run finds in its set-up (an empty class folder, a batch larger than the
     data): like a bad flag, it leaves nothing behind (the run folder it had just created is removed)."""
+
+
+class PeerTimeout(UserError):
+    """A collective waited past --dist_timeout: another rank is stopped, stuck or gone. Not this rank's mistake and
+    not the user's: exit status 1, so a scheduler may requeue the job; the launcher names a stopped rank."""
+
+    exit_code = 1

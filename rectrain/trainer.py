@@ -28,13 +28,13 @@ from rectrain.data.buckets import BucketTable, make_buckets
 from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
-from rectrain.data.scan import SplitScan, scan_split
+from rectrain.data.scan import SplitScan, data_notes, scan_split
 from rectrain.data.workers import cap_workers
-from rectrain.errors import DataMistake, UserError
+from rectrain.errors import DataMistake, PeerTimeout, UserError
 from rectrain.model import count_parameters
 from rectrain.resume import Resume, Start
-from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, launch, launch_mode,
-                                          on_primary, preempted_exit_code, resolve_device)
+from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, is_collective_timeout,
+                                          launch, launch_mode, on_primary, preempted_exit_code, resolve_device)
 from rectrain.runtime.io import write_json_atomic
 from rectrain.runtime.lock import RunLock
 from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
@@ -175,8 +175,12 @@ def train_worker(resume: Resume, created: str | None, info: DistInfo) -> int:
             close_logger(logger)
             _remove_created(created)
         raise
-    except Exception:  # our bug: its traceback goes to the rank's log as well as to stderr
+    except Exception as e:  # our bug: its traceback goes to the rank's log as well as to stderr
         log_to_file(logger, f"error: the run crashed:\n{traceback.format_exc()}")
+        if is_collective_timeout(e):
+            raise PeerTimeout(f"rank {info.rank} waited {cfg.dist_timeout:g} s (--dist_timeout) for the other ranks in "
+                              "a collective: one of them is stopped, stuck or gone (its log, or the launcher's line "
+                              "above, names it); after fixing it, --resume auto") from None
         raise
     finally:
         if trainer is not None:
@@ -254,6 +258,9 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
         if s is not None and s.bad:
             _log_unusable(cfg, name, s.bad, log)
     check_training_set(train, cfg.batch_size)
+    if info.is_primary:
+        for note in data_notes(train, val):
+            log(note)
     plan = plan_buckets(cfg)
     if plan.res_schedule is not None:
         log(f"progressive resolution {plan.res_schedule}: " + ", ".join(
@@ -629,7 +636,8 @@ class Trainer:
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
             return None
         res = reduce_eval(sums)
-        self.log(f"epoch {epoch + 1}: val{label} top-1 {res['val_acc1']:.2f}% top-5 {res['val_acc5']:.2f}% "
+        top5 = f"{res['val_acc5']:.2f}%" if len(self.data.classes) > 5 else f"- ({len(self.data.classes)} classes)"
+        self.log(f"epoch {epoch + 1}: val{label} top-1 {res['val_acc1']:.2f}% top-5 {top5} "
                  f"loss {res['val_loss']:.4f} on {res['val_images']:,} images at "
                  f"{self.data.plan.val_buckets.target_size} px ({time.perf_counter() - t:.1f} s)")
         return res

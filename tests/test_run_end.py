@@ -30,6 +30,8 @@ def test_a_max_steps_stop_inside_an_epoch_validates_and_writes_what_it_has(data_
     assert summary["mean_images_per_sec"] > 0
     assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
     assert "val at step 4 top-1" in out and "at the stop" in out and "no validation" not in out
+    # 3 classes: top-5 is always 100%, said once at the start and not printed as a result
+    assert "with 3 classes top-5 accuracy is always 100%" in out and "top-5 - (3 classes)" in out
 
 
 def test_a_run_without_val_says_why_it_has_no_validation(data_dir, tmp_path, capsys):

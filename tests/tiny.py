@@ -34,3 +34,19 @@ def train_tiny(root) -> TinyRun:
     assert train_mod.train(cfg) == 0
     row = json.loads(open(os.path.join(str(root), "run", "metrics.jsonl")).read().splitlines()[-1])
     return TinyRun(data, os.path.join(str(root), "run", "checkpoints", "last.pth"), row)
+
+
+def flip_bits(path, count: int) -> None:
+    """Flip the low bit of ``count`` bytes spread over the largest tensor of a checkpoint file, in place: the file
+    still loads with ``torch.load`` (it does not check the zip CRCs), with wrong weights."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26: member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len
+    for i in range(count):
+        raw[start + (i * 7919) % member.file_size] ^= 1
+    with open(path, "wb") as f:
+        f.write(raw)

@@ -106,11 +106,11 @@ def _eval_worker(args, data_dir: str, info) -> int:
     else:  # the training run's own evaluation
         res, per_class = reduce_eval(evaluate(model, loader, normalize, autocast, None, channels_last)), None
     if info.is_primary:
-        _print_result(args, res, per_class, info.world_size, buckets)
+        _print_result(args, res, per_class, info.world_size, buckets, len(r.classes))
     return 0
 
 
-def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int, buckets) -> None:
+def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int, buckets, classes: int) -> None:
     if args.json:
         out = {"checkpoint": args.checkpoint, **res, "square": args.square, "tta": args.tta, "ema": args.ema,
                "target_size": buckets.target_size}
@@ -120,8 +120,9 @@ def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int
         return
     how = [s for s, on in (("EMA weights", args.ema), (f"square {buckets.describe()} crops", args.square),
                            (f"TTA {args.tta}", args.tta)) if on]
+    top5 = f"{res['val_acc5']:.2f}%" if classes > 5 else f"- ({classes} classes: always 100%)"
     print(f"{args.checkpoint}{' (' + ', '.join(how) + ')' if how else ''}: top-1 {res['val_acc1']:.2f}%  "
-          f"top-5 {res['val_acc5']:.2f}%  loss {res['val_loss']:.4f}  "
+          f"top-5 {top5}  loss {res['val_loss']:.4f}  "
           f"({res['val_images']:,} images, {world_size} process(es))")
     if per_class is not None:
         print("\n".join(per_class_lines(per_class)))

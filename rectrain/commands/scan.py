@@ -8,9 +8,9 @@ import os
 import numpy as np
 
 from rectrain.data.buckets import RECT_MODES, make_buckets
-from rectrain.data.index import class_names
+from rectrain.data.index import class_names, describe_skipped
 from rectrain.data.samplers import AspectRatioBatchSampler
-from rectrain.data.scan import DEFAULT_MAX_PIXELS, SplitScan, scan_split
+from rectrain.data.scan import DEFAULT_MAX_PIXELS, SplitScan, data_notes, scan_split
 from rectrain.errors import UserError
 
 RATIO_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.97, 1.03, 1.25, 1.43, 1.67, 2.0, float("inf"))  # W/H
@@ -44,17 +44,21 @@ def ratio_histogram(sizes: np.ndarray, width: int = 40) -> list[str]:
     return lines
 
 
-def bucket_batches(n: int, batch_size: int) -> list[int]:
-    """Sizes of the training batches a bucket of ``n`` images gives per epoch (one process).
+def bucket_batches(n: int, batch_size: int, train: bool = True) -> list[int]:
+    """Sizes of the batches a bucket of ``n`` images gives per epoch (one process).
 
-    The training sampler's own rule (``AspectRatioBatchSampler``, drop_last): full batches, the
-    leftover dropped; a bucket without a full batch gives one smaller batch (none for a single image).
+    Training, the sampler's own rule (``AspectRatioBatchSampler``, drop_last): full batches, the leftover dropped
+    (different images each epoch); a bucket without a full batch gives one smaller batch (none for a single image:
+    a batch of one breaks BatchNorm's statistics). Validation (``train=False``) scores every image: the last batch
+    of a bucket may be smaller, down to one image (the model is in eval mode there).
     """
-    return AspectRatioBatchSampler(np.zeros(n, dtype=np.int64), batch_size).batch_sizes() if n else []
+    if not n:
+        return []
+    return AspectRatioBatchSampler(np.zeros(n, dtype=np.int64), batch_size).batch_sizes(drop_last=train)
 
 
-def _bucket_note(n: int, sizes: list[int], batch_size: int) -> str:
-    if n == 0:
+def _bucket_note(n: int, sizes: list[int], batch_size: int, train: bool = True) -> str:
+    if n == 0 or not train:
         return ""
     if n == 1:
         return "(a single image: unused, a batch of one breaks BatchNorm)"
@@ -64,19 +68,24 @@ def _bucket_note(n: int, sizes: list[int], batch_size: int) -> str:
     return f"({left:,} left over per epoch, different ones each epoch)" if left else ""
 
 
-def bucket_lines(sizes: np.ndarray, buckets, batch_size: int) -> list[str]:
-    """The bucket table: images per bucket and the training batches they give at ``batch_size``."""
+def bucket_lines(sizes: np.ndarray, buckets, batch_size: int, train: bool = True) -> list[str]:
+    """The bucket table: images per bucket and the training (or, ``train=False``, validation) batches they give at
+    ``batch_size``."""
     counts = np.bincount(buckets.assign(sizes), minlength=len(buckets))
     lines = [f"  {'shape HxW':>10}  {'W/H':>5}  {'images':>9}  {'batches':>8}"]
     n_batches = used = 0
     for k, c in enumerate(counts.tolist()):
         h, w = buckets.shape(k)
-        plan = bucket_batches(c, batch_size)
+        plan = bucket_batches(c, batch_size, train)
         n_batches += len(plan)
         used += sum(plan)
-        note = _bucket_note(c, plan, batch_size)
+        note = _bucket_note(c, plan, batch_size, train)
         lines.append(f"  {f'{h}x{w}':>10}  {w / h:5.2f}  {c:>9,}  {len(plan):>8,}  {note}".rstrip())
     total = int(counts.sum())
+    if not train:
+        lines.append(f"  {'total':>10}  {'':>5}  {total:>9,}  {n_batches:>8,}  (batches of up to {batch_size} for one "
+                     "process; validation scores every image, as eval does)")
+        return lines
     lines.append(f"  {'total':>10}  {'':>5}  {total:>9,}  {n_batches:>8,}  (batches of up to {batch_size} per epoch "
                  f"for one process; {used:,} images used, {total - used:,} left over)")
     small = [c for c in counts.tolist() if 0 < c < batch_size]
@@ -91,8 +100,10 @@ def _report(name: str, scan: SplitScan, buckets, batch_size: int) -> None:
     print(f"== {name}: {ix.split_dir}")
     print(f"images: {len(ix):,} usable in {len(ix.classes):,} classes "
           f"({len(np.unique(ix.labels)):,} with images)")
-    skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(ix.skipped.items())) or "none"
-    print(f"skipped: {skipped}")
+    skipped = describe_skipped(ix)
+    print("skipped: " + ("none" if not skipped else f"{sum(ix.skipped.values()):,}"))
+    for line in skipped:
+        print(f"  {line}")
     print(f"bad files: {len(scan.bad):,}")
     for path, reason in scan.bad[:50]:
         print(f"  {path}: {reason}")
@@ -101,7 +112,7 @@ def _report(name: str, scan: SplitScan, buckets, batch_size: int) -> None:
     print("aspect ratio W/H:")
     print("\n".join(ratio_histogram(scan.sizes)))
     print(f"buckets ({buckets.mode}, target {buckets.target_size}, max ratio {buckets.max_ratio:g}):")
-    print("\n".join(bucket_lines(scan.sizes, buckets, batch_size)))
+    print("\n".join(bucket_lines(scan.sizes, buckets, batch_size, train=name == "train")))
     origin = "read from cache" if scan.from_cache else "scanned; cache written" if scan.cache_path else \
         "scanned; no writable place for a cache"
     print(f"cache: {scan.cache_path or '-'} ({origin})")
@@ -116,7 +127,7 @@ def run(args) -> int:
     split = args.split or ("both" if os.path.isdir(os.path.join(args.data_dir, "val")) else "train")
     buckets = make_buckets(args.target_size, args.rect_mode, args.max_ratio)
     kw = dict(workers=args.workers, max_pixels=args.max_pixels, progress=True)
-    classes = None
+    classes = train = val = None
     if split in ("train", "both"):
         train = scan_split(args.data_dir, "train", **kw)
         classes = train.index.classes
@@ -126,4 +137,8 @@ def run(args) -> int:
             classes = class_names(args.data_dir, "train")  # val shares train's class map
         val = scan_split(args.data_dir, "val", classes, **kw)
         _report("val", val, buckets, args.batch_size)
+    notes = data_notes(train, val, skipped=False)
+    if notes:
+        print("== notes")
+        print("\n".join(notes))
     return 0

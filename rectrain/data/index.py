@@ -8,8 +8,8 @@ The sample list lives in numpy arrays (paths as a numpy str array, labels int64)
 Python tuples: DataLoader workers forked from the main process then share it without touching
 per-object refcounts, which would copy it page by page into every worker.
 
-Hidden entries (name starting with ``.``) and files without an image extension are skipped and
-counted by reason. Whether an image file is *usable* is decided later, by the header scan
+Hidden entries (name starting with ``.``) and files without an image extension are skipped, counted by reason
+and named by a few examples (``describe_skipped``). Whether an image file is *usable* is decided later, by the header scan
 (``rectrain.data.scan``).
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 
 from rectrain.errors import DataMistake
 
-__all__ = ["IMAGE_EXTENSIONS", "LAYOUT", "ImageIndex", "build_index", "class_names", "list_files"]
+__all__ = ["IMAGE_EXTENSIONS", "LAYOUT", "ImageIndex", "build_index", "class_names", "describe_skipped", "list_files",
+           "missing_classes"]
 
 # Lowercase with the dot; a file's extension is compared lowercased, so .JPEG and .Png count too.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -39,6 +40,7 @@ class ImageIndex:
     paths: np.ndarray  # (N,) numpy str array
     labels: np.ndarray  # (N,) int64
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, e.g. {"hidden": 2}
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first few paths, relative
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +51,45 @@ class ImageIndex:
     def subset(self, keep: np.ndarray) -> "ImageIndex":
         """The samples selected by ``keep`` (a boolean mask of length N, or indices); same class map."""
         keep = np.asarray(keep)
-        return ImageIndex(self.split_dir, list(self.classes), self.paths[keep], self.labels[keep], dict(self.skipped))
+        return ImageIndex(self.split_dir, list(self.classes), self.paths[keep], self.labels[keep], dict(self.skipped),
+                          dict(self.skipped_examples))
+
+
+SKIP_REASONS = {"hidden": "hidden (name starts with '.')", "not_image": "not an image by extension",
+                "not_file": "not a regular file (broken link, socket)", "symlink_loop": "a link back up the tree",
+                "outside_class": "beside the class folders, in no class"}
+EXAMPLES = 3  # paths kept per reason
+
+
+def describe_skipped(index: ImageIndex) -> list[str]:
+    """One line per reason a file was left out, with its count and first few paths (e.g. ``._photo.jpg``,
+    ``Thumbs.db``, ``README.txt``); [] when nothing was."""
+    lines = []
+    for reason, count in sorted(index.skipped.items()):
+        shown = sorted(index.skipped_examples.get(reason, []))
+        more = f", ... ({count - len(shown):,} more)" if count > len(shown) else ""
+        lines.append(f"{count:,} {SKIP_REASONS.get(reason, reason)}: {', '.join(shown)}{more}")
+    return lines
+
+
+def missing_classes(train: ImageIndex, val: ImageIndex) -> list[str]:
+    """Train's classes with no image in val: their accuracy is never measured."""
+    present = np.bincount(val.labels, minlength=len(train.classes)) > 0
+    return [c for c, p in zip(train.classes, present) if not p]
+
+
+class _Skips:
+    """Counts and first examples of skipped entries, by reason."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, path: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES:
+            shown.append(path)
 
 
 @dataclass
@@ -65,7 +105,7 @@ def _is_image(name: str) -> bool:
     return name[name.rfind("."):].lower() in IMAGE_EXTENSIONS  # os.path.splitext costs 3x more per file
 
 
-def _walk_class(class_dir: str, prefix: str, out: list, skipped: dict[str, int], seen: set | None = None) -> None:
+def _walk_class(class_dir: str, prefix: str, out: list, skipped: _Skips, seen: set | None = None) -> None:
     """Append (relative path, size, mtime_ns) of every image under ``class_dir`` (recursively) to ``out``.
 
     ``seen``: (device, inode) of the folders on the way down, so a symlink back up is skipped, not followed forever.
@@ -78,32 +118,32 @@ def _walk_class(class_dir: str, prefix: str, out: list, skipped: dict[str, int],
     seen = (seen or set()) | {(st.st_dev, st.st_ino)}
     for entry in entries:
         if entry.name.startswith("."):
-            skipped["hidden"] = skipped.get("hidden", 0) + 1
+            skipped.add("hidden", prefix + entry.name)
         elif entry.is_dir():
             sub = entry.stat()
             if (sub.st_dev, sub.st_ino) in seen:
-                skipped["symlink_loop"] = skipped.get("symlink_loop", 0) + 1
+                skipped.add("symlink_loop", prefix + entry.name)
             else:
                 _walk_class(entry.path, prefix + entry.name + "/", out, skipped, seen)
         elif not entry.is_file():  # broken symlink, socket, ...
-            skipped["not_file"] = skipped.get("not_file", 0) + 1
+            skipped.add("not_file", prefix + entry.name)
         elif not _is_image(entry.name):
-            skipped["not_image"] = skipped.get("not_image", 0) + 1
+            skipped.add("not_image", prefix + entry.name)
         else:
             st = entry.stat()  # follows symlinks; cached by scandir where the OS allows
             out.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
 
 
-def _class_dirs(split_dir: str, skipped: dict[str, int]) -> list[str]:
+def _class_dirs(split_dir: str, skipped: _Skips) -> list[str]:
     """Sorted names of the class folders of a split; counts what else sits at the split's top level."""
     names = []
     for entry in os.scandir(split_dir):
         if entry.name.startswith("."):
-            skipped["hidden"] = skipped.get("hidden", 0) + 1
+            skipped.add("hidden", entry.name)
         elif entry.is_dir():
             names.append(entry.name)
         else:  # a file beside the class folders belongs to no class (e.g. the scan cache)
-            skipped["outside_class"] = skipped.get("outside_class", 0) + 1
+            skipped.add("outside_class", entry.name)
     return sorted(names)
 
 
@@ -120,7 +160,7 @@ def _check_split_dir(data_dir: str, split: str) -> str:
 def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> FileList:
     """Walk ``data_dir/split`` once: the index and each sample's size and mtime (see ``build_index``)."""
     split_dir = _check_split_dir(data_dir, split)
-    skipped: dict[str, int] = {}
+    skipped = _Skips()
     found = _class_dirs(split_dir, skipped)
     if not found:
         raise DataMistake(f"{split_dir} has no class folders; expected the layout {LAYOUT}")
@@ -144,7 +184,8 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); expected the layout {LAYOUT}")
     paths = np.array([r[0] for r in rows], dtype=str)
     order = np.argsort(paths, kind="stable")
-    index = ImageIndex(split_dir, classes, paths[order], np.asarray(labels, dtype=np.int64)[order], skipped)
+    index = ImageIndex(split_dir, classes, paths[order], np.asarray(labels, dtype=np.int64)[order], skipped.counts,
+                       skipped.examples)
     nbytes = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))[order]
     mtime_ns = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))[order]
     return FileList(index, nbytes, mtime_ns)
@@ -152,7 +193,7 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
 
 def class_names(data_dir: str, split: str = "train") -> list[str]:
     """The sorted class-folder names of a split, without walking the classes (e.g. train's map for val)."""
-    return _class_dirs(_check_split_dir(data_dir, split), {})
+    return _class_dirs(_check_split_dir(data_dir, split), _Skips())
 
 
 def build_index(data_dir: str, split: str, classes: list[str] | None = None) -> ImageIndex:

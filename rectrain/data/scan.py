@@ -37,12 +37,12 @@ import numpy as np
 from PIL import Image
 
 from rectrain.data import exif
-from rectrain.data.index import FileList, ImageIndex, list_files
+from rectrain.data.index import FileList, ImageIndex, describe_skipped, list_files, missing_classes
 from rectrain.errors import UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "BadImage", "SplitScan", "CacheStatus", "read_size",
-           "scan_split", "cache_status", "cache_name"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "TINY_SIDE", "BadImage", "SplitScan", "CacheStatus", "data_notes",
+           "read_size", "scan_split", "cache_status", "cache_name"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
 FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
@@ -71,6 +71,36 @@ class SplitScan:
     cache_path: str | None  # where the cache was read from or written to; None when nowhere was writable
     from_cache: bool
     seconds: float
+
+
+TINY_SIDE = 16  # an image with a side shorter than this carries almost nothing at any crop size (a 1x1 pixel: one
+               # colour); trained, but named
+
+
+def data_notes(train: SplitScan | None, val: SplitScan | None, skipped: bool = True) -> list[str]:
+    """What a user should know about the data that is not an error: files left out (named), images too small to
+    carry a picture, train classes that val never measures, and top-5 that cannot tell anything (the last two need
+    both splits). ``skipped=False``: without the files left out (for a report that lists them itself)."""
+    notes = []
+    for name, scan in (("train", train), ("val", val)):
+        if scan is None:
+            continue
+        notes += [f"note: {name}/ skipped {line}" for line in describe_skipped(scan.index) if skipped]
+        tiny = np.flatnonzero(scan.sizes.min(axis=1) < TINY_SIDE)
+        if len(tiny):
+            shown = ", ".join(f"{scan.index.paths[i]} ({scan.sizes[i, 1]}x{scan.sizes[i, 0]})" for i in tiny[:3])
+            notes.append(f"warning: {len(tiny):,} {name} image(s) smaller than {TINY_SIDE} px on a side, trained as "
+                         f"near-solid crops: {shown}{', ...' if len(tiny) > 3 else ''}; check or remove them")
+    if train is None or val is None:
+        return notes
+    missing = missing_classes(train.index, val.index)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        notes.append(f"warning: {len(missing)} of train's {len(train.index.classes)} classes have no val images "
+                     f"({shown}): their accuracy is never measured; add val/<class>/ images for them")
+    if len(train.index.classes) <= 5:
+        notes.append(f"note: with {len(train.index.classes)} classes top-5 accuracy is always 100%: read top-1")
+    return notes
 
 
 # -- one file ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Workers decode in processes of their own. Three rules keep a run's stop clean:
 - **Stop signals belong to the main process.** A scheduler (SLURM's scancel and preemption, systemd,
   ``kill -- -PGID``) signals the whole process group; a worker that died of it would crash the main process with
-  "DataLoader worker ... killed by signal" before it saves. Workers are forked with SIGTERM/SIGINT blocked
+  "DataLoader worker ... killed by signal" before it saves. Workers are forked with the stop signals blocked
   (``start_workers``) and then ignore them (``ignore_stop_signals``, their init function).
 - **Stopped explicitly.** Since they ignore SIGTERM, multiprocessing's exit handler (SIGTERM, then join) would wait
   for them forever: ``shut_down`` stops a loader's persistent workers (SIGKILL for a stuck one) on every way out of
@@ -19,27 +19,28 @@ import weakref
 
 import torch
 
+from rectrain.runtime.distributed import STOP_SIGNALS
 from rectrain.runtime.io import usable_cores
 
 __all__ = ["ignore_stop_signals", "start_workers", "track", "shut_down", "cap_workers"]
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """A worker's init function: SIGTERM/SIGINT are the main process's to act on (it stops the run, then the
-    workers). Workers still exit when the main process does (PyTorch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker's init function: the stop signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1) are the main process's to act on
+    (it stops the run, then the workers). Workers still exit when the main process does (PyTorch's watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def start_workers(loader: torch.utils.data.DataLoader):
-    """``iter(loader)`` with SIGTERM/SIGINT blocked while the workers are forked.
+    """``iter(loader)`` with the stop signals blocked while the workers are forked.
 
     A SIGTERM to the whole process group that lands while workers start would kill a worker that has not yet
     reached its init function (PyTorch's handler dies of a SIGTERM not sent by the parent) and crash the run.
     Blocked, not ignored: a signal for the main process stays pending and is delivered when the block ends, so it
     is never lost; the workers inherit the block, and so never die of a stop signal.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         return iter(loader)
     finally:

@@ -31,10 +31,19 @@ import torch.distributed as dist
 from rectrain.errors import UserError
 
 
-# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint: 128 + signal number, the
-# shell's convention (143 for SIGTERM, 130 for SIGINT). Schedulers treat it as "preempted, requeue".
+# The signals that stop a training run after a checkpoint: SIGTERM (kill, scancel, preemption), SIGINT (Ctrl-C),
+# SIGHUP (the terminal or ssh session closed) and SIGUSR1 (SLURM's --signal=USR1@N warning before the time limit).
+# SIGUSR2 and the rest keep their default action.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+# Exit status of a run stopped by a stop signal after saving its checkpoint: 128 + signal number, the
+# shell's convention (143 SIGTERM, 130 SIGINT, 129 SIGHUP, 138 SIGUSR1). Schedulers treat it as "preempted, requeue".
 def preempted_exit_code(signum: int) -> int:
     return 128 + signum
+
+
+PREEMPTED_CODES = frozenset(preempted_exit_code(s) for s in STOP_SIGNALS)
 
 
 FAILURE_GRACE_S = 15  # after one worker fails, how long the others get to exit before they are killed (a rank
@@ -158,10 +167,10 @@ def launch(worker: Callable[[DistInfo], int], device: str = "auto", nproc: int |
 def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -> int:
     """Start ``nproc`` workers and wait for all of them.
 
-    A preemption stop (exit 130/143) is not a failure: the other ranks are left to finish their own
-    checkpoint-and-exit. Any other non-zero exit is: the remaining workers are terminated. SIGTERM sent
-    to this launcher alone (`kill PID`) is forwarded to the workers, which then stop cleanly; SIGINT from
-    a terminal already reaches the whole process group.
+    A preemption stop (exit 128 + a stop signal) is not a failure: the other ranks are left to finish their own
+    checkpoint-and-exit. Any other non-zero exit is: the remaining workers are terminated. A stop signal sent
+    to this launcher alone (`kill PID`, SLURM's USR1 to the batch step) is forwarded to the workers, which then
+    stop cleanly; SIGINT from a terminal already reaches the whole process group.
     """
     import multiprocessing.connection
 
@@ -172,19 +181,22 @@ def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -
     ctx = mp.start_processes(_local_entry, args=(worker, device, nproc, port, timeout_s), nprocs=nproc,
                              join=False, start_method="spawn")
     procs = ctx.processes
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     # Forwarded: `kill PID` or `kill -INT PID` reaches only this launcher. When the whole group got it (Ctrl-C in
     # a terminal, scancel), the ranks get it twice within a moment, which their StopFlag counts as one.
-    signal.signal(signal.SIGTERM, lambda signum, frame: _signal_all(procs, signum))
-    signal.signal(signal.SIGINT, lambda signum, frame: _signal_all(procs, signum))
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _signal_all(procs, signum))
     try:
         failed, failed_at = None, 0.0
         while any(p.is_alive() for p in procs):
             multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
-            bad = [p for p in procs if p.exitcode not in (None, 0, 130, 143)]
+            bad = [p for p in procs if p.exitcode is not None and p.exitcode != 0 and p.exitcode not in PREEMPTED_CODES]
             if bad and failed is None:
                 failed, failed_at = bad[0].exitcode, time.monotonic()
-                print(f"rectrain: rank {procs.index(bad[0])} exited with status {failed}"
+                stopped = [i for i, p in enumerate(procs) if p.is_alive() and _process_state(p.pid) == "T"]
+                cause = (f"rank {stopped[0]} is stopped (SIGSTOP, or Ctrl-Z: process state T) and the others timed "
+                         "out waiting for it; " if stopped else "")
+                print(f"rectrain: {cause}rank {procs.index(bad[0])} exited with status {failed}"
                       f"{' (killed by signal ' + str(-failed) + ')' if failed < 0 else ''}; stopping the other ranks",
                       file=sys.stderr, flush=True)
                 _signal_all(procs, signal.SIGTERM)  # the others try to stop cleanly...
@@ -199,6 +211,23 @@ def _spawn_local(worker, device: str, nproc: int, port: str, timeout_s: float) -
     if failed is not None:
         return failed if failed > 0 else 1
     return max(codes) if any(codes) else 0
+
+
+def _process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (R running, S sleeping, T stopped, Z zombie...); "" off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return ""
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """Whether ``e`` is a collective (gloo, NCCL) or a store that waited past the process group's timeout."""
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, getattr(dist, "DistBackendError", RuntimeError))) and (
+        "timed out" in text or "timeout" in text) and any(w in text for w in ("gloo", "nccl", "collective", "store",
+                                                                               "recv", "send", "wait"))
 
 
 def _signal_all(procs, signum: int) -> None:
@@ -381,7 +410,7 @@ def raise_primary_error(error: str | tuple | None, cls: type[UserError] = UserEr
 
 
 class StopFlag:
-    """SIGTERM/SIGINT -> every rank agrees to stop at the same step boundary.
+    """A stop signal (``STOP_SIGNALS``) -> every rank agrees to stop at the same step boundary.
 
     A signal only sets a local flag (``received``), which nothing else ever clears. ``should_stop()`` is
     called once per step by every rank; with several processes it all-reduces (MAX) the local flags on
@@ -407,7 +436,7 @@ class StopFlag:
         return self.agreed or self.received
 
     def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_available() and dist.is_initialized():
             # A CPU group for the flag, so the check never waits on the GPU stream.
@@ -423,7 +452,7 @@ class StopFlag:
         now = time.monotonic()
         if self.received and now - self._first_at >= self.REPEAT_S:  # a second stop: the default action, now
             self.uninstall()
-            signal.raise_signal(signum)  # SIGTERM kills; SIGINT raises KeyboardInterrupt (Python's own handler)
+            signal.raise_signal(signum)  # SIGINT raises KeyboardInterrupt (Python's own handler); the others kill
             return
         if not self.received:
             self._first_at = now

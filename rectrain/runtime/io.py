@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
@@ -155,14 +156,33 @@ def pool_context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """A pool process's initializer: on Linux the kernel kills it (SIGKILL) when the process that started it dies,
+    so a ``kill PID`` or a crash of the main process during a long scan leaves no worker blocked forever on its
+    task queue. (The kernel watches the thread that forked: pools are started from the main thread.)"""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        return
+    if os.getppid() != parent:  # the parent died before the call above: nobody is left to serve
+        os._exit(1)
+
+
 @contextmanager
 def process_pool(workers: int, tasks: int, parallel_from: int = 2) -> Iterator[cf.ProcessPoolExecutor | None]:
     """A process pool of ``min(workers, tasks)`` processes, or None (run inline) when fewer than 2 workers or fewer
-    than ``parallel_from`` tasks would use it; shut down on the way out, pending tasks cancelled (Ctrl-C, errors)."""
+    than ``parallel_from`` tasks would use it; shut down on the way out, pending tasks cancelled (Ctrl-C, errors).
+    Its processes die with this one (``_die_with_parent``)."""
     if workers < 2 or tasks < max(parallel_from, 2):
         yield None
         return
-    pool = cf.ProcessPoolExecutor(min(workers, tasks), mp_context=pool_context())
+    pool = cf.ProcessPoolExecutor(min(workers, tasks), mp_context=pool_context(), initializer=_die_with_parent,
+                                  initargs=(os.getpid(),))
     try:
         yield pool
     finally:

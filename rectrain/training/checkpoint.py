@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import traceback
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +58,32 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def load(path: str, map_location="cpu", mmap: bool = False) -> dict:
+def verify(path: str) -> None:
+    """Check every member of a checkpoint against the CRC-32 its zip archive stores (torch.load does not): a file
+    with bits changed on disk or in a copy is a CheckpointError, never a run that resumes with wrong weights.
+    Reads the whole file once (a ResNet-50 checkpoint: about 0.2 s)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read as a PyTorch file: {e}") from None
+    except Exception as e:  # zlib errors and the like, from a damaged header
+        raise CheckpointError(f"checkpoint {path} is damaged: {type(e).__name__}: {e}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: its part {bad!r} fails its CRC check (bits changed on "
+                              "disk or in a copy); use an earlier checkpoint")
+
+
+def load(path: str, map_location="cpu", mmap: bool = False, check: bool = True) -> dict:
     """Load a checkpoint; any failure is a CheckpointError naming the path and the reason.
 
     ``mmap=True``: the tensors are mapped from the file, not read (a quick look at a checkpoint's settings, or a
-    check that it loads at all: a truncated or foreign file fails here just the same)."""
+    check that it loads at all: a truncated or foreign file fails here just the same). ``check``: verify the zip
+    CRCs first (``verify``); False where the file was verified already in this run's start (``Resume.plan``)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if check and zipfile.is_zipfile(path):
+        verify(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
@@ -98,18 +118,33 @@ def load_failure_reason(e: Exception) -> str:
 
 
 def candidates(ckpt_dir: str) -> list[str]:
-    """Checkpoints of a run, newest first by training progress recorded in the name/mtime."""
-    files = [p for p in glob.glob(os.path.join(ckpt_dir, "*.pth")) if os.path.basename(p) != "best.pth"]
-    return sorted(files, key=lambda p: os.path.getmtime(p), reverse=True)
+    """A run's checkpoint files (best.pth aside: it is a copy of one of them), in no particular order."""
+    return sorted(p for p in glob.glob(os.path.join(ckpt_dir, "*.pth")) if os.path.basename(p) != "best.pth")
+
+
+def progress(ckpt: dict) -> tuple[int, int, int]:
+    """How far a checkpoint's run had trained: (step, epoch, batch), compared as a tuple."""
+    return int(ckpt.get("step", 0)), int(ckpt.get("epoch", 0)), int(ckpt.get("batch_in_epoch", 0))
 
 
 def find_resumable(ckpt_dir: str, log=print, mmap: bool = False) -> tuple[str, dict] | None:
-    """The newest checkpoint of ``ckpt_dir`` that loads; broken ones are reported and skipped."""
+    """The checkpoint of ``ckpt_dir`` furthest in training (by the step recorded inside, never by file time: a
+    copied or touched old file does not roll the run back) that loads and passes ``verify``; a broken or damaged
+    one is reported, with its reason, and the next one is tried."""
+    loaded = []
     for path in candidates(ckpt_dir):
         try:
-            return path, load(path, mmap=mmap)
+            loaded.append((path, load(path, mmap=True, check=False)))
         except CheckpointError as e:
             log(f"warning: {e}; trying the previous checkpoint")
+    loaded.sort(key=lambda item: (progress(item[1]), os.path.basename(item[0]) != "last.pth"), reverse=True)
+    for path, ckpt in loaded:
+        try:
+            verify(path)
+        except CheckpointError as e:
+            log(f"warning: {e}; trying the previous checkpoint")
+            continue
+        return path, (ckpt if mmap else load(path, check=False))
     return None
 
 

@@ -106,6 +106,15 @@ def test_val_class_unknown_to_train_fails_naming_it(data, tmp_path):
     assert item.status == "fail" and "zebra" in item.message and "subset" in item.message
 
 
+def test_a_train_class_without_val_images_is_a_warning_naming_it(data, tmp_path):
+    shutil.rmtree(data / "val" / "class_001")
+    (data / "train" / "class_000" / "Thumbs.db").write_bytes(b"junk")
+    items = _items(data, tmp_path)
+    item = items["val data"]
+    assert item.status == "warn" and "no val images for class_001" in item.message and item.fix
+    assert "skipped 1 not an image by extension: class_000/Thumbs.db" in items["train data"].message
+
+
 def test_missing_val_folder_is_a_warning(data, tmp_path):
     shutil.rmtree(data / "val")
     items = _items(data, tmp_path)

@@ -1,6 +1,8 @@
 """Aspect-ratio scan: header sizes, EXIF orientation, bad files, the .npz cache, `rectrain scan`."""
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -329,3 +331,100 @@ def test_cli_scan_on_small_data_explains_the_batch_counts(data, capsys):
     assert "(fewer images than --batch_size: one smaller batch of 2)" in out
     assert "(a single image: unused" in out  # tall.png and square.jpg are alone in their buckets
     assert "note: every bucket holds fewer images than --batch_size 256 (the largest 2)" in out
+
+
+# -- what the scan tells besides sizes (issue: warnings that were missing; scan and eval agree) ------------------
+def test_val_buckets_score_every_image_as_eval_does(data, capsys):
+    """The val table follows the evaluation rule (every image scored, a lone one too), not the training one."""
+    from rectrain.data.buckets import make_buckets
+    from rectrain.data.loader import LoaderSettings, build_val_loader
+    _img(data / "val" / "cat" / "tall.png", (30, 60))  # alone in its bucket
+    assert scan_cmd.bucket_batches(1, 4, train=False) == [1] and scan_cmd.bucket_batches(10, 4, train=False) == [4, 4, 2]
+    assert main(["scan", "--data_dir", str(data), "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    val_table = out[out.index("== val"):]
+    assert "unused" not in val_table and "every image" in val_table
+    total = next(ln for ln in val_table.splitlines() if ln.split()[:1] == ["total"])
+    val = scan_split(str(data), "val", classes=["cat", "dog"])
+    loader, _ = build_val_loader(val, make_buckets(224), LoaderSettings(batch_size=4, workers=0, seed=0))
+    batches = [len(y) for _x, y, _failed in loader]
+    assert total.split()[1:3] == [str(sum(batches)), str(len(batches))] == ["2", "2"]
+
+
+def test_junk_files_are_named_not_only_counted(data, capsys):
+    for name in ("._wide.jpg", "Thumbs.db", "README.txt"):
+        (data / "train" / "cat" / name).write_bytes(b"junk")
+    assert main(["scan", "--data_dir", str(data), "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: 3" in out
+    assert "1 hidden (name starts with '.'): cat/._wide.jpg" in out
+    assert "2 not an image by extension: cat/README.txt, cat/Thumbs.db" in out
+
+
+def test_tiny_images_missing_val_classes_and_a_meaningless_top5_are_said(data, capsys):
+    _img(data / "train" / "dog" / "dot.png", (1, 1))
+    notes = arscan.data_notes(scan_split(str(data), "train"), scan_split(str(data), "val", classes=["cat", "dog"]))
+    assert any("1 train image(s) smaller than 16 px" in n and "dog/dot.png (1x1)" in n for n in notes), notes
+    assert any("1 of train's 2 classes have no val images (cat)" in n for n in notes), notes
+    assert any("with 2 classes top-5 accuracy is always 100%" in n for n in notes), notes
+    assert main(["scan", "--data_dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "== notes" in out and "dog/dot.png (1x1)" in out and "no val images (cat)" in out
+
+
+def test_ordinary_data_gives_no_notes(tmp_path):
+    from rectrain.data.synth import make_synthetic
+    make_synthetic(str(tmp_path), classes=6, train_per_class=3, val_per_class=1, kind="tiny", seed=0)
+    train = scan_split(str(tmp_path), "train")
+    assert arscan.data_notes(train, scan_split(str(tmp_path), "val", classes=train.index.classes)) == []
+
+
+# -- a dataset shared between users ----------------------------------------------------------------------------
+def _as_user(uid: int, fn) -> int:
+    """Run ``fn`` in a forked child under another user id (modules loaded already: nothing is read from the
+    interpreter's own, possibly private, install); its exit status: 0 when ``fn`` returned True."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = 0 if fn() else 3
+        except BaseException as e:
+            print(f"child failed: {type(e).__name__}: {e}", flush=True)
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0, reason="needs root, to act as a second user")
+def test_a_shared_dataset_gets_a_readable_cache_and_another_users_private_one_never_fails_a_scan(tmp_path):
+    from rectrain.data.synth import make_synthetic
+    Image.init()  # every format plugin loaded before the fork
+    shared = tempfile.mkdtemp(prefix="rectrain-shared-", dir="/tmp")
+    try:
+        os.chmod(shared, 0o755)
+        old = os.umask(0o022)
+        try:
+            make_synthetic(shared, classes=2, train_per_class=4, val_per_class=1, kind="tiny", seed=0)
+            first = scan_split(shared, "train")
+        finally:
+            os.umask(old)
+        assert first.cache_path == os.path.join(shared, "sorted_idxar_train.npz")
+        assert os.stat(first.cache_path).st_mode & 0o777 == 0o644  # readable by the dataset's other users
+        os.chmod(first.cache_path, 0o600)  # another user's private cache, as an older rectrain wrote it
+        home = tempfile.mkdtemp(prefix="rectrain-home-", dir="/tmp")
+        os.chmod(home, 0o777)
+        os.environ["XDG_CACHE_HOME"] = home
+
+        def scan_as_nobody():
+            scan = scan_split(shared, "train")
+            return len(scan.index) == 8 and not scan.from_cache and scan.cache_path.startswith(home)
+
+        try:
+            assert _as_user(65534, scan_as_nobody) == 0
+        finally:
+            del os.environ["XDG_CACHE_HOME"]
+            shutil.rmtree(home, ignore_errors=True)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

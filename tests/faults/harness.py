@@ -180,7 +180,7 @@ class Run:
             hung = True
         tree = descendants(self.pid)
         if hung:  # where is it stuck? (inject/sitecustomize.py writes the stacks)
-            _signal_all(self.pid, tree, signal.SIGUSR1)
+            _signal_all(self.pid, tree, signal.SIGUSR2)
             time.sleep(2)
         # Whatever happened, nothing of this run may survive it (workers, ranks of a broken job; torchrun
         # starts its workers in sessions of their own, so the process group is not enough).

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rectrain.model import build_model
+from tests.tiny import flip_bits
 
 from . import harness as h
 
@@ -45,6 +46,11 @@ def _other_classes(good, raw, path, tmp_path):
     torch.save({**good, "model": model, "classes": [f"c{i}" for i in range(5)]}, path)
 
 
+def _flipped_bits(good, raw, path, tmp_path):
+    path.write_bytes(raw)
+    flip_bits(path, 1000)  # torch.load reads it (wrong weights); the zip CRCs do not match
+
+
 def _arbitrary_object(good, raw, path, tmp_path):
     torch.save({**good, "extra": _MakesAFile(str(tmp_path / "EXECUTED"))}, path)
 
@@ -53,7 +59,7 @@ def _arbitrary_object(good, raw, path, tmp_path):
 CORRUPTIONS = {
     "truncated": (_truncated, ""), "random-bytes": (_random_bytes, ""), "future-format": (_future_format, "version"),
     "other-arch": (_other_arch, "arch"), "other-class-count": (_other_classes, "class"),
-    "arbitrary-pickled-object": (_arbitrary_object, ""),
+    "arbitrary-pickled-object": (_arbitrary_object, ""), "flipped-bits": (_flipped_bits, "CRC"),
 }
 SOAK = {"random-bytes"}  # refused for the same reason as a truncated file
 
@@ -75,23 +81,25 @@ def test_a_corrupt_checkpoint_is_refused_with_its_path_and_reason(kind, data_dir
     assert not any(h.ckpt_dir(out, "c").glob("*.pth")), "a refused resume wrote a checkpoint"
 
 
-@pytest.mark.fault(case="5 corrupt checkpoint", fault="--resume auto with the two newest checkpoints corrupt")
+@pytest.mark.fault(case="5 corrupt checkpoint",
+                   fault="--resume auto with the two newest checkpoints corrupt (one truncated, one with flipped bits)")
 def test_resume_auto_skips_corrupt_checkpoints_and_ends_like_an_uninterrupted_run(data_dir, ref1, tmp_path, outcome):
     out = tmp_path / "out"
     run_dir = h.copy_run(ref1, "ref1", out)
     ck = run_dir / "checkpoints"
     last, second = ck / "last.pth", ck / "checkpoint_epoch_002.pth"
     raw = second.read_bytes()
-    for p, data in ((second, random.Random(1).randbytes(len(raw))), (last, raw[: len(raw) // 3])):
+    for p, data in ((second, raw), (last, raw[: len(raw) // 3])):
         os.remove(p)  # replace, never write through: last.pth may be a hard link of an epoch file
         p.write_bytes(data)
+    flip_bits(second, 1000)
     res = h.run(h.train_args(data_dir, out, "ref1", *h.REF1, "--resume", "auto"), tmp_path / "run")
     outcome(repetitions=1, exit_code=res.code, runs_finished=int(res.code == 0), hangs=int(res.hung),
             checkpoints_lost=0)
     assert res.code == 0, res.stderr[-3000:]
     log = h.log_text(out, "ref1")
-    for p in (last, second):
-        assert f"{p} cannot be loaded" in log, f"{p.name} was not reported with its reason"
+    assert f"{last} cannot be loaded" in log, "the truncated last.pth was not reported with its reason"
+    assert f"{second} is damaged" in log and "CRC" in log, "the flipped bits were not reported"
     assert f"resumed from {ck / 'checkpoint_epoch_001.pth'}" in log
     final = h.load_ckpt(last)
     assert final["step"] == h.REF1_STEPS

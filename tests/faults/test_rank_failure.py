@@ -81,3 +81,28 @@ def test_torchrun_restart_after_a_rank_failure_resumes_from_the_last_checkpoint(
     assert h.same_weights(h.model_of(h.ckpt_dir(out, "r") / "last.pth"),
                           h.model_of(h.ckpt_dir(ref2, "ref2") / "last.pth"))
     outcome(samples_lost=0, samples_duplicated=0, checkpoints_lost=0)
+
+
+@pytest.mark.soak
+@pytest.mark.fault(case="3 rank failure", fault="rank 1 of 2 stopped (SIGSTOP) past --dist_timeout")
+def test_a_stopped_rank_is_named_not_the_rank_that_timed_out_waiting_for_it(data_dir, tmp_path, outcome):
+    out = tmp_path / "out"
+    args = h.train_args(data_dir, out, "r", *h.REF2, "--nproc", "2", "--dist_port", h.free_port(),
+                        "--dist_timeout", "10")
+    run = h.start(args, tmp_path / "run", fault={"slow_step": 0.05})
+    _, pid, _, _, _ = run.wait_event("step", rank=1, count=5)
+    run.fault_at = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        res = run.finish(h.PEER_WAIT_S)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    outcome(repetitions=1, exit_code=res.code, hangs=int(res.hung), runs_finished=0)
+    assert res.code == 1 and not res.hung, res.stderr[-3000:]
+    assert "rank 1 is stopped" in res.stderr, res.stderr[-3000:]
+    assert "waited 10 s (--dist_timeout)" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert h.unreadable_checkpoints(h.ckpt_dir(out, "r")) == []
+    assert "Traceback" in h.log_text(out, "r", 0), "the rank's log keeps the traceback"

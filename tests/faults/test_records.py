@@ -42,7 +42,8 @@ def resume(data_dir, out, tmp_path, tag="resumed"):
 
 
 @pytest.mark.fault(case="14 records", fault="SIGTERM or kill -9 mid-epoch, then --resume auto; records compared")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.soak)],
+                         ids=["sigterm", "kill-9"])
 def test_a_stopped_or_killed_run_resumes_to_the_records_of_an_uninterrupted_one(data_dir, ref1, tmp_path, outcome,
                                                                                 sig):
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ def epochs_of(out, name) -> list[int]:
 
 
 @pytest.mark.fault(case="13 two runs, one folder", fault="a second identical run started while the first trains")
-@pytest.mark.parametrize("second", ["same flags", "--resume auto"])
+@pytest.mark.parametrize("second", ["same flags", pytest.param("--resume auto", marks=pytest.mark.soak)])
 def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_ends_as_if_alone(data_dir, tmp_path, outcome,
                                                                                     second):
     out = tmp_path / "out"

@@ -1,8 +1,8 @@
-"""Case 2: SIGTERM / SIGINT to the main process and to the whole process group, during training and during
-validation, with 1 and 2 processes.
+"""Case 2: the stop signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1) to the main process and to the whole process group,
+during training and during validation, with 1 and 2 processes.
 
 Promise (README "Stopping and resuming"): a checkpoint at the next step boundary (or validation abandoned),
-exit status 128 + signal (143, 130), and `--resume auto` ends with the weights of an uninterrupted run.
+exit status 128 + signal (143, 130, 129, 138), and `--resume auto` ends with the weights of an uninterrupted run.
 The whole-group variants are what SLURM's scancel/preemption, systemd and `kill -- -PGID` do: the
 DataLoader workers get the signal too.
 """
@@ -14,15 +14,18 @@ import pytest
 
 from . import harness as h
 
-TERM, INT = signal.SIGTERM, signal.SIGINT
-# (target, signal, phase, processes) run by default; the rest of the matrix is the soak.
-DEFAULT = {("group", TERM, "train", 1), ("main", INT, "val", 1)}  # 2 processes: the worker start-up test below
+TERM, INT, HUP, USR1 = signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+# (target, signal, phase, processes) run by default; the rest of the matrix is the soak. SIGHUP to the group: a
+# closed terminal or ssh session; SIGUSR1 to the main process: SLURM's --signal=USR1@N (forwarding by the launcher
+# of --nproc 2: the soak, and test_train's SIGTERM-to-the-launcher test, the same code for every stop signal).
+DEFAULT = {("group", TERM, "train", 1), ("main", INT, "val", 1), ("group", HUP, "train", 1),
+           ("main", USR1, "train", 1)}
 # Known defects: variant -> reason (strict xfail: a fix makes the test fail until its mark is dropped).
 DEFECTS: dict[tuple, str] = {}
 
 
 def _variants():
-    for target, sig, phase, nproc in itertools.product(("main", "group"), (TERM, INT), ("train", "val"), (1, 2)):
+    for target, sig, phase, nproc in itertools.product(("main", "group"), (TERM, INT, HUP, USR1), ("train", "val"), (1, 2)):
         v = (target, sig, phase, nproc)
         marks = [] if v in DEFAULT else [pytest.mark.soak]
         if v in DEFECTS:
@@ -30,7 +33,7 @@ def _variants():
         yield pytest.param(*v, marks=marks, id=f"{target}-{signal.Signals(sig).name}-{phase}-{nproc}p")
 
 
-@pytest.mark.fault(case="2 SIGTERM/SIGINT", fault="stop signal, then --resume auto")
+@pytest.mark.fault(case="2 stop signals", fault="stop signal, then --resume auto")
 @pytest.mark.parametrize("target,sig,phase,nproc", list(_variants()))
 def test_stop_signal_saves_exits_128_plus_signal_and_resume_matches_uninterrupted_run(
         target, sig, phase, nproc, data_dir, request, tmp_path, outcome):
@@ -76,7 +79,7 @@ def test_stop_signal_saves_exits_128_plus_signal_and_resume_matches_uninterrupte
     assert h.stray_temp_files(out / name) == []
 
 
-@pytest.mark.fault(case="2 SIGTERM/SIGINT", fault="SIGTERM to the process group while DataLoader workers start")
+@pytest.mark.fault(case="2 stop signals", fault="SIGTERM to the process group while DataLoader workers start")
 def test_group_sigterm_while_dataloader_workers_start_still_saves_and_exits_143(data_dir, tmp_path, outcome):
     out = tmp_path / "out"
     run = h.start(h.train_args(data_dir, out, "w", *h.REF2, *h.ddp()), tmp_path / "stopped",

@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import subprocess
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -231,3 +233,36 @@ def test_npz_writes_are_atomic_too(tmp_path):
         np.savez(f, a=np.arange(3))
     with np.load(target) as z:
         assert z["a"].tolist() == [0, 1, 2]
+
+
+POOL_SCRIPT = """
+import os, sys, time
+from rectrain.runtime.io import pool_map, process_pool
+def pid_then_wait(i):
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+with process_pool(2, 4) as pool:
+    list(pool_map(pool, pid_then_wait, range(4)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_processes_die_with_a_killed_parent(tmp_path):
+    """``kill PID`` of the main process during a long scan: its pool processes go too (they used to block forever)."""
+    proc = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], stdout=subprocess.PIPE, text=True)
+    children = {int(proc.stdout.readline()) for _ in range(2)}
+    proc.terminate()  # SIGTERM: no handler in a scan, the main process dies at once
+    assert proc.wait(timeout=30) == -15
+    deadline = time.monotonic() + 10
+    while children and time.monotonic() < deadline:
+        children = {pid for pid in children if _alive(pid)}
+        time.sleep(0.05)
+    assert not children, f"pool processes {children} outlived their killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"  # a zombie is dead (its parent, init, reaps it)
+    except FileNotFoundError:
+        return False

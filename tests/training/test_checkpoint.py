@@ -8,6 +8,7 @@ import torch
 
 from rectrain.training import checkpoint as ck
 from rectrain.training.parts import unwrap
+from tests.tiny import flip_bits
 
 
 def _ckpt(v):
@@ -102,3 +103,39 @@ def test_unwrap_strips_ddp_and_compile_wrappers():
     wrapped = Wrapper(Wrapper(inner, "module"), "_orig_mod")
     assert unwrap(wrapped) is inner
     assert list(unwrap(wrapped).state_dict()) == ["weight", "bias"]
+
+
+def _stepped(step: int) -> dict:
+    return {"format_version": ck.FORMAT_VERSION, "model": {"w": torch.arange(4096.0) + step}, "epoch": step // 10,
+            "step": step, "batch_in_epoch": 0}
+
+
+def test_flipped_bits_load_with_torch_but_are_refused_naming_the_crc(tmp_path):
+    path = tmp_path / "checkpoint_epoch_001.pth"
+    ck.save_atomic(_stepped(10), str(path))
+    flip_bits(path, 100)
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], _stepped(10)["model"]["w"])
+    with pytest.raises(ck.CheckpointError, match=r"checkpoint_epoch_001\.pth is damaged: .*CRC"):
+        ck.load(str(path))
+    with pytest.raises(ck.CheckpointError, match="CRC"):
+        ck.load(str(path), mmap=True)  # the planner's peek checks too
+
+
+def test_find_resumable_picks_by_recorded_progress_not_file_time(tmp_path):
+    old, new = tmp_path / "checkpoint_epoch_001.pth", tmp_path / "checkpoint_epoch_002.pth"
+    ck.save_atomic(_stepped(10), str(old))
+    ck.save_atomic(_stepped(20), str(new))
+    os.utime(new, (1, 1))  # the newer checkpoint has the older file time (a copy, a touch of the old one)
+    path, loaded = ck.find_resumable(str(tmp_path))
+    assert path == str(new) and loaded["step"] == 20
+
+
+def test_find_resumable_skips_a_damaged_newest_checkpoint_saying_why(tmp_path):
+    old, new = tmp_path / "checkpoint_epoch_001.pth", tmp_path / "checkpoint_epoch_002.pth"
+    ck.save_atomic(_stepped(10), str(old))
+    ck.save_atomic(_stepped(20), str(new))
+    flip_bits(new, 3)
+    messages = []
+    path, loaded = ck.find_resumable(str(tmp_path), log=messages.append, mmap=True)
+    assert path == str(old) and loaded["step"] == 10
+    assert len(messages) == 1 and str(new) in messages[0] and "CRC" in messages[0]

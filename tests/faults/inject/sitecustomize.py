@@ -9,11 +9,11 @@ Patches are applied right after the module that defines the patched name is exec
 ``from rectrain.training.losses import augmented_loss`` elsewhere binds the patched function. Each patch writes one
 line to ``events`` when it fires, which is how a test knows the fault really happened and when.
 
-On SIGUSR1 every process of a run writes its threads' stacks to ``stacks.<pid>.txt`` beside the event log
+On SIGUSR2 every process of a run writes its threads' stacks to ``stacks.<pid>.txt`` beside the event log
 (the harness sends it to a hung run before killing it), so a hang shows where it is stuck.
 
 Keys of ``RECTRAIN_FAULT`` (all optional):
-  stacks_only     true: inject nothing, only answer SIGUSR1 (the harness sets it for runs without faults)
+  stacks_only     true: inject nothing, only answer SIGUSR2 (the harness sets it for runs without faults)
   events          path of the event log: lines "<unix time> <pid> rank<R> <event> <detail>"
   slow_step       seconds to sleep in every training step (a window to signal "during training")
   slow_val        seconds to sleep per validation image, in the workers (a window "during validation")
@@ -225,12 +225,12 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def _stacks_on_sigusr1() -> None:
-    """Write every thread's stack to stacks.<pid>.txt on SIGUSR1; forked children get their own file."""
+    """Write every thread's stack to stacks.<pid>.txt on SIGUSR2; forked children get their own file."""
     import faulthandler
     import signal
     global _STACKS
     _STACKS = open(os.path.join(os.path.dirname(_SPEC["events"]), f"stacks.{os.getpid()}.txt"), "w")
-    faulthandler.register(signal.SIGUSR1, file=_STACKS, all_threads=True)
+    faulthandler.register(signal.SIGUSR2, file=_STACKS, all_threads=True)
 
 
 if _SPEC and _SPEC.get("events"):  # the harness asks a hung run where it is stuck
