@@ -31,7 +31,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The fault-injection suite with its long variants (~10 min on 2 cores); rewrites docs/reliability.md.
+# The fault-injection suite with its long variants (~16 min on 2 cores); rewrites docs/reliability.md.
 faults: setup
 	$(PY) benchmarks/reliability_report.py --soak
 
