@@ -239,7 +239,7 @@ POOL_SCRIPT = """
 import os, sys, time
 from rectrain.runtime.io import pool_map, process_pool
 def pid_then_wait(i):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # one write: lines of two processes never interleave
     time.sleep(120)
 with process_pool(2, 4) as pool:
     list(pool_map(pool, pid_then_wait, range(4)))
