@@ -29,7 +29,7 @@ import torch
 
 from rectrain.config import TrainConfig
 from rectrain.data.buckets import make_buckets
-from rectrain.data.index import FileList, describe_skipped, list_files, missing_classes
+from rectrain.data.index import FileList, describe_skipped, list_files, missing_classes, name_some
 from rectrain.data.scan import INLINE_BELOW, BadImage, CacheStatus, SplitScan, cache_status, read_size
 from rectrain.data.workers import cap_workers
 from rectrain.errors import UserError
@@ -220,9 +220,8 @@ def check_val_split(state: _State) -> Item:
     details = {"images": len(state.val.index), "classes": len(present)}
     missing = missing_classes(state.train.index, state.val.index)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        return Item("val data", "warn", f"{state.val.index.split_dir}: {text}; no val images for {shown}: their "
-                    "accuracy is never measured", "add val/<class>/ images for those classes",
+        return Item("val data", "warn", f"{state.val.index.split_dir}: {text}; no val images for {name_some(missing)}: "
+                    "their accuracy is never measured", "add val/<class>/ images for those classes",
                     {**details, "missing": missing})
     return Item("val data", "pass", f"{state.val.index.split_dir}: {text}", None, details)
 

@@ -27,6 +27,7 @@ from rectrain.config import TrainConfig, check_data_dir, check_resume_path
 from rectrain.data.buckets import BucketTable, make_buckets
 from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
+from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
 from rectrain.data.scan import SplitScan, data_notes, scan_split
 from rectrain.data.workers import cap_workers
@@ -302,9 +303,8 @@ def check_training_set(train: SplitScan, batch_size: int) -> None:
     counts = np.bincount(train.index.labels, minlength=len(train.index.classes))
     empty = [c for c, n in zip(train.index.classes, counts) if n == 0]
     if empty:
-        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise DataMistake(f"class folder(s) with no usable image in {train.index.split_dir}: {shown}; each would be a "
-                          "class of the model that never trains: remove the folder(s) or add images")
+        raise DataMistake(f"class folder(s) with no usable image in {train.index.split_dir}: {name_some(empty)}; each "
+                          "would be a class of the model that never trains: remove the folder(s) or add images")
     if batch_size > len(train.index):
         raise DataMistake(f"--batch_size {batch_size} is larger than the whole training set ({len(train.index)} usable "
                           f"images): lower --batch_size to at most {len(train.index)}")

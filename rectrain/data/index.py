@@ -23,7 +23,7 @@ import numpy as np
 from rectrain.errors import DataMistake
 
 __all__ = ["IMAGE_EXTENSIONS", "LAYOUT", "ImageIndex", "build_index", "class_names", "describe_skipped", "list_files",
-           "missing_classes"]
+           "missing_classes", "name_some"]
 
 # Lowercase with the dot; a file's extension is compared lowercased, so .JPEG and .Png count too.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -70,6 +70,11 @@ def describe_skipped(index: ImageIndex) -> list[str]:
         more = f", ... ({count - len(shown):,} more)" if count > len(shown) else ""
         lines.append(f"{count:,} {SKIP_REASONS.get(reason, reason)}: {', '.join(shown)}{more}")
     return lines
+
+
+def name_some(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, and how many more: for messages that name classes or files."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def missing_classes(train: ImageIndex, val: ImageIndex) -> list[str]:
@@ -170,8 +175,7 @@ def list_files(data_dir: str, split: str, classes: list[str] | None = None) -> F
         classes = list(classes)
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise DataMistake(f"{split_dir} has class folder(s) unknown to the training set: {shown}; "
+            raise DataMistake(f"{split_dir} has class folder(s) unknown to the training set: {name_some(unknown)}; "
                             f"val classes must be a subset of train's ({len(classes)} classes)")
     class_id = {c: i for i, c in enumerate(classes)}
     rows, labels = [], []

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from rectrain.data import exif
-from rectrain.data.index import FileList, ImageIndex, describe_skipped, list_files, missing_classes
+from rectrain.data.index import FileList, ImageIndex, describe_skipped, list_files, missing_classes, name_some
 from rectrain.errors import UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
 
@@ -95,9 +95,8 @@ def data_notes(train: SplitScan | None, val: SplitScan | None, skipped: bool = T
         return notes
     missing = missing_classes(train.index, val.index)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         notes.append(f"warning: {len(missing)} of train's {len(train.index.classes)} classes have no val images "
-                     f"({shown}): their accuracy is never measured; add val/<class>/ images for them")
+                     f"({name_some(missing)}): their accuracy is never measured; add val/<class>/ images for them")
     if len(train.index.classes) <= 5:
         notes.append(f"note: with {len(train.index.classes)} classes top-5 accuracy is always 100%: read top-1")
     return notes
