@@ -43,7 +43,7 @@ from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, wri
 from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.ema import ModelEma
-from rectrain.training.evaluation import evaluate, reduce_eval
+from rectrain.training.evaluation import evaluate, format_top5, reduce_eval
 from rectrain.training.loop import LoopSettings, train_one_epoch
 from rectrain.training.parts import OptimSettings, StepParts, build_step_parts, unwrap
 from rectrain.training.schedule import LRSchedule, ResolutionSchedule, describe_lr, final_size, peak_lr, validation_size
@@ -636,7 +636,7 @@ class Trainer:
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
             return None
         res = reduce_eval(sums)
-        top5 = f"{res['val_acc5']:.2f}%" if len(self.data.classes) > 5 else f"- ({len(self.data.classes)} classes)"
+        top5 = format_top5(res["val_acc5"], len(self.data.classes))
         self.log(f"epoch {epoch + 1}: val{label} top-1 {res['val_acc1']:.2f}% top-5 {top5} "
                  f"loss {res['val_loss']:.4f} on {res['val_images']:,} images at "
                  f"{self.data.plan.val_buckets.target_size} px ({time.perf_counter() - t:.1f} s)")

