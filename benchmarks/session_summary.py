@@ -93,7 +93,7 @@ def headline(ours: dict, timm) -> tuple[dict, list[str]]:
                      f"   timm {timm.get('timm')}, {timm.get('train_py')}")
     else:
         why = timm.get("skipped") if isinstance(timm, dict) else "no result"
-        lines.append(f"timm train.py     not measured ({why})")
+        lines.append(f"{'timm train.py':<38}  not measured ({why})")
     return head, lines
 
 
