@@ -482,11 +482,12 @@ class Trainer:
         self.compiling = self._decide_compile(start)
         self.compiled = self.compiling.compile
         self.log(self.compiling.line)
+        self.compile_cache: str | None = None  # the folder of torch.compile's on-disk caches, when compiling
         if self.compiled:
-            cache, source = compile_cache_dir(cfg.compile_cache)
-            use_compile_cache(cache)
-            self.log(f"compile cache: {cache} ({source}; shared by runs and ranks, safe to delete; --compile_cache "
-                     "moves it)")
+            self.compile_cache, source = compile_cache_dir(cfg.compile_cache)
+            use_compile_cache(self.compile_cache)
+            self.log(f"compile cache: {self.compile_cache} ({source}; shared by runs and ranks, safe to delete; "
+                     "--compile_cache moves it)")
         self.models = wrap_models(parts.model, cfg, info, len(self.train_shapes) + len(self.val_shapes),
                                   self.compiled, self.log)
         s = parts.step
@@ -622,11 +623,11 @@ class Trainer:
         if self.compiled:
             self.log(f"warm-up: torch.compile built {self.warmup_graphs} graph(s) ({self.cfg.compile_shapes})")
             if self.info.is_primary:
-                cache = compile_cache_dir(self.cfg.compile_cache)[0]
                 try:
-                    record_graphs(cache, *self._graphs())
+                    record_graphs(self.compile_cache, *self._graphs())
                 except OSError as e:  # a hint for the next run's estimate, never worth stopping this one
-                    self.log(f"note: could not record the compiled graphs in {cache} ({e.strerror or e})")
+                    self.log(f"note: could not record the compiled graphs in {self.compile_cache} "
+                             f"({e.strerror or e})")
         return seconds
 
     def _epochs(self, batches, loop: LoopSettings, metrics: MetricsWriter | None) -> int:
