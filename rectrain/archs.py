@@ -19,3 +19,19 @@ PUBLISHED_PARAMS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
 }
+
+# Forward GFLOPs (multiply-adds) of one 224x224 image at width 64 (torchvision's model cards): what the start-up
+# estimate of a run's training time scales by (rectrain.training.compilation).
+PUBLISHED_GFLOPS = {
+    "resnet18": 1.81,
+    "resnet34": 3.66,
+    "resnet50": 4.09,
+    "resnet101": 7.80,
+    "resnet152": 11.51,
+}
+
+
+def depth(arch: str) -> int:
+    """The layers with weights on the main path: 2 or 3 convolutions per block, the stem and fc (resnet50 -> 50)."""
+    block, layers = ARCH_LAYERS[arch]
+    return sum(layers) * (2 if block == "basic" else 3) + 2

@@ -34,14 +34,18 @@ from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError
 from rectrain.model import count_parameters
 from rectrain.resume import Resume, Start
-from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, is_collective_timeout,
-                                          launch, launch_mode, on_primary, preempted_exit_code, resolve_device)
+from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, broadcast_object,
+                                          is_collective_timeout, launch, launch_mode, on_primary, preempted_exit_code,
+                                          resolve_device)
 from rectrain.runtime.io import write_json_atomic
 from rectrain.runtime.lock import RunLock
 from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
 from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, write_summary
 from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
+from rectrain.training.compilation import (CompileDecision, SpatialDynamic, cached_graphs, compile_cache_dir,
+                                           decide_compile, estimate_train_s, estimate_warmup, graph_labels,
+                                           graph_signature, keep_ddp_overlap, record_graphs, use_compile_cache)
 from rectrain.training.ema import ModelEma
 from rectrain.training.evaluation import evaluate, format_top5, reduce_eval
 from rectrain.training.loop import LoopSettings, train_one_epoch
@@ -122,6 +126,30 @@ def check_inputs(cfg: TrainConfig) -> None:
         resolve_decode(cfg.decode, torch.device(resolve_device(cfg.device)))
     if cfg.initial_checkpoint and not os.path.isfile(cfg.initial_checkpoint):
         raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
+    if cfg.cuda_graphs:
+        refuse_cuda_graphs_under_ddp(planned_processes(cfg))
+
+
+def planned_processes(cfg: TrainConfig) -> int:
+    """The processes the run will have, before any starts: torchrun's or SLURM's, else --nproc, else (as ``launch``)
+    one per visible GPU for --device auto/cuda and one otherwise."""
+    mode = launch_mode()
+    if mode == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if mode == "slurm":
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+    if cfg.nproc is not None:
+        return cfg.nproc
+    return torch.cuda.device_count() if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else 1
+
+
+def refuse_cuda_graphs_under_ddp(processes: int) -> None:
+    """--cuda_graphs with several processes: BatchNorm's running statistics are inputs the compiled graph mutates,
+    and under DDP torch.compile then skips CUDA graphs in DDP's graph pieces, a large slowdown (pytorch#139207)."""
+    if processes > 1:
+        raise UserError(f"--cuda_graphs cannot train with {processes} processes (DDP): capturing BatchNorm's mutated "
+                        "running statistics in CUDA graphs under DDP is slow or unsafe (pytorch#139207); drop "
+                        "--cuda_graphs (the step is still compiled with --compile) or train in one process (--nproc 1)")
 
 
 def prepare_run_folder(cfg: TrainConfig) -> None:
@@ -372,21 +400,33 @@ class Models:
     eval: torch.nn.Module
 
 
-def wrap_models(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, shapes: int) -> Models:
-    """``shapes``: the batch shapes of the run, one compiled graph each."""
+def wrap_models(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, shapes: int, compiled: bool = False,
+                log=print) -> Models:
+    """``shapes``: the batch shapes of the run, one compiled graph each (--compile_shapes per_shape); ``compiled``:
+    the run compiles its step (``decide_compile``)."""
     train_model = eval_model = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         device = torch.device(info.device)
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           gradient_as_bucket_view=True)
-    if cfg.compile or cfg.cuda_graphs:
+    if compiled:
         from torch import _dynamo
+        if info.distributed:
+            if cfg.cuda_graphs:  # (train refuses it before any process starts; torchrun-less callers too)
+                refuse_cuda_graphs_under_ddp(info.world_size)
+            note = keep_ddp_overlap(_dynamo.config)  # torch.compile(DDP(model)): the DDPOptimizer path
+            if note:
+                log(note)
         # One graph per batch shape (training and validation): keep them all instead of recompiling.
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, shapes + 8)
         mode = "reduce-overhead" if cfg.cuda_graphs else None  # CUDA graphs: one per batch shape
-        train_model = torch.compile(train_model, dynamic=False, mode=mode)
-        eval_model = torch.compile(model, dynamic=False, mode=mode)
+        if cfg.compile_shapes == "dynamic":  # one graph for every H x W (dynamic=None: as marked, the rest static)
+            train_model = SpatialDynamic(torch.compile(train_model, dynamic=None, mode=mode))
+            eval_model = SpatialDynamic(torch.compile(model, dynamic=None, mode=mode))
+        else:
+            train_model = torch.compile(train_model, dynamic=False, mode=mode)
+            eval_model = torch.compile(model, dynamic=False, mode=mode)
     return Models(train_model, eval_model)
 
 
@@ -436,13 +476,25 @@ class Trainer:
         self.stop = StopFlag()
         self.normalize = DeviceNormalize(self.device)
         # With a fixed number of batch shapes, a bucket's last smaller validation batch is padded to full size.
-        self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or cfg.compile or cfg.cuda_graphs) else None
+        may_compile = cfg.compile == "on" or cfg.cuda_graphs  # (auto compiles on CUDA only)
+        self.val_pad = (cfg.val_batch_size or cfg.batch_size) if (self.is_cuda or may_compile) else None
         self.train_shapes, self.val_shapes = self._plan_shapes()
-        self.models = wrap_models(parts.model, cfg, info, len(self.train_shapes) + len(self.val_shapes))
+        self.compiling = self._decide_compile(start)
+        self.compiled = self.compiling.compile
+        self.log(self.compiling.line)
+        self.compile_cache: str | None = None  # the folder of torch.compile's on-disk caches, when compiling
+        if self.compiled:
+            self.compile_cache, source = compile_cache_dir(cfg.compile_cache)
+            use_compile_cache(self.compile_cache)
+            self.log(f"compile cache: {self.compile_cache} ({source}; shared by runs and ranks, safe to delete; "
+                     "--compile_cache moves it)")
+        self.models = wrap_models(parts.model, cfg, info, len(self.train_shapes) + len(self.val_shapes),
+                                  self.compiled, self.log)
         s = parts.step
         self.train_step = TrainStep(self.models.train, s.optimizer, s.scaler, self.normalize, parts.augment,
                                     s.autocast, start.schedule, cfg.label_smoothing, s.channels_last, ema=parts.ema)
-        self.recompiles = RecompileWatch(cfg.compile, self.log)
+        self.recompiles = RecompileWatch(self.compiled, self.log)
+        self.warmup_graphs = 0  # graphs torch.compile built in the warm-up
         self.print_freq = print_freq or cfg.print_freq
         self.warmup_s: float | None = None  # measured by fit
         self.logged_resolution: int | None = None
@@ -479,6 +531,34 @@ class Trainer:
                                                 loaders.val_set.bucket_ids, self.data.plan.val_buckets.shapes)
         return plan_shapes(loaders.train_sampler.global_batches(start), loaders.train_set.bucket_ids, tables, val,
                            self.val_pad)
+
+    def _graphs(self) -> tuple[str, list[str]]:
+        """(what makes this run's graphs, one label per graph the warm-up compiles), for the compile cache's record."""
+        cfg, s = self.cfg, self.parts.step
+        signature = graph_signature(
+            torch=torch.__version__, device=torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu",
+            arch=cfg.arch, width=cfg.width, classes=len(self.data.classes), amp=s.amp_dtype,
+            channels_last=s.channels_last, mode="reduce-overhead" if cfg.cuda_graphs else "default",
+            shapes=cfg.compile_shapes, ddp=self.info.distributed)
+        return signature, graph_labels(self.train_shapes, self.val_shapes, cfg.compile_shapes == "dynamic")
+
+    def _decide_compile(self, start: Start) -> CompileDecision:
+        """--compile on/off, or auto's estimate for what is left of this run (rank 0's decision, on every rank)."""
+        cfg = self.cfg
+        if cfg.compile != "auto" or cfg.cuda_graphs or not self.is_cuda:
+            return decide_compile(cfg.compile, self.device.type, cuda_graphs=cfg.cuda_graphs)
+        signature, labels = self._graphs()
+        warm = len(cached_graphs(compile_cache_dir(cfg.compile_cache)[0], signature) & set(labels))
+        warmup = estimate_warmup(len(labels) - warm, warm, cfg.arch, cfg.compile_shapes == "dynamic")
+        state, spe = start.state, self.data.steps_per_epoch
+        steps = (cfg.epochs - state.epoch) * spe - state.batch_in_epoch
+        if cfg.max_steps is not None:
+            steps = min(steps, cfg.max_steps - state.step)
+        pixels = float(np.mean([h * w for _, h, w in self.train_shapes])) if self.train_shapes else cfg.target_size ** 2
+        decision = decide_compile("auto", "cuda", warmup, estimate_train_s(max(steps, 0), cfg.batch_size, pixels,
+                                                                           cfg.arch, cfg.width))
+        # Each rank reads its own machine's cache record: they must still agree (the replicas stay identical).
+        return broadcast_object(decision) if self.info.distributed else decision
 
     def close(self) -> None:
         """Stop the DataLoader workers; call it on every way out of ``fit``. Stopping them can take seconds: an error
@@ -531,13 +611,23 @@ class Trainer:
 
     def warm_up(self) -> float:
         """Run every shape once before the first epoch (cudnn autotuning, compilation); 0 when there is nothing
-        to gain (CPU without --compile)."""
-        if not (self.is_cuda or self.cfg.compile or self.cfg.cuda_graphs):
+        to gain (CPU without --compile). Rank 0 then records the compiled graphs in the compile cache's folder."""
+        if not (self.is_cuda or self.compiled):
             return 0.0
         s = self.parts.step
+        before = compiled_graphs()
         seconds = warm_up(self.models.train, self.models.eval, self.train_shapes, self.val_shapes,
                           autocast=s.autocast, channels_last=s.channels_last, device=self.device, log=self.log)
         self.recompiles.start()
+        self.warmup_graphs = compiled_graphs() - before
+        if self.compiled:
+            self.log(f"warm-up: torch.compile built {self.warmup_graphs} graph(s) ({self.cfg.compile_shapes})")
+            if self.info.is_primary:
+                try:
+                    record_graphs(self.compile_cache, *self._graphs())
+                except OSError as e:  # a hint for the next run's estimate, never worth stopping this one
+                    self.log(f"note: could not record the compiled graphs in {self.compile_cache} "
+                             f"({e.strerror or e})")
         return seconds
 
     def _epochs(self, batches, loop: LoopSettings, metrics: MetricsWriter | None) -> int:

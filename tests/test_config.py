@@ -310,3 +310,33 @@ def test_lr_per_256_on_the_command_line_wins_over_a_files_lr(tmp_path):
     both.write_text("lr = 0.4\nlr_per_256 = 0.2\n")
     with pytest.raises(UserError, match="exclusive"):
         resolve_config(["--config", str(both)])
+
+
+# --compile: a three-way setting (auto, on, off) whose old spellings still work.
+@pytest.mark.parametrize("argv, expected", [([], "auto"), (["--compile"], "on"), (["--compile", "off"], "off"),
+                                            (["--no_compile"], "off"), (["--compile", "auto"], "auto")])
+def test_compile_is_auto_by_default_and_its_flags_force_it(argv, expected):
+    assert resolve_config(argv).compile == expected
+
+
+@pytest.mark.parametrize("values, expected", [({"compile": True}, "on"), ({"compile": False}, "off"),
+                                              ({"compile": "auto"}, "auto"), ({"no_compile": True}, "off")])
+def test_a_config_file_gives_compile_as_a_switch_or_a_choice(tmp_path, values, expected):
+    assert resolve_config(["--config", write_config(tmp_path / "run.toml", values)]).compile == expected
+
+
+def test_a_config_file_giving_compile_and_no_compile_that_disagree_is_an_error(tmp_path):
+    path = write_config(tmp_path / "run.toml", {"compile": "on", "no_compile": True})
+    with pytest.raises(UserError, match="contradict"):
+        resolve_config(["--config", path])
+
+
+def test_an_older_runs_config_with_compile_as_a_bool_still_loads():
+    """config.json and checkpoints of rectrain before --compile auto hold ``compile: false`` (or true)."""
+    assert TrainConfig.from_checkpoint(FIRST_RELEASE_CONFIG).compile == "off"
+    assert TrainConfig.from_dict(dict(FIRST_RELEASE_CONFIG, compile=True)).validate().compile == "on"
+
+
+def test_cuda_graphs_with_compile_off_is_refused():
+    with pytest.raises(UserError, match="--cuda_graphs .* --no_compile"):
+        resolve_config(["--cuda_graphs", "--no_compile"])

@@ -428,7 +428,7 @@ def tiny_settings(argv: list[str], cfg, tiny: dict) -> list[str] | None:
     key = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
     if key not in TINY_FLAGS:
         return None
-    if cfg is not None and (cfg.compile or cfg.cuda_graphs or cfg.device.startswith("cuda")
+    if cfg is not None and (cfg.compile == "on" or cfg.cuda_graphs or cfg.device.startswith("cuda")
                             or getattr(cfg, "decode", "cpu") == "gpu"):
         return None  # GPU-only settings
     if argv[0] == "export" and "onnx" in argv and not _has("onnx", "onnxscript"):

@@ -57,3 +57,20 @@ def test_extending_a_finished_run_asks_for_the_rate_to_restart_from(data_dir, tm
     steps = [json.loads(ln) for ln in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     new = [r for r in steps if r["epoch"] > 1]
     assert new and 0 < new[0]["lr"] <= 0.02 and new[-1]["lr"] == pytest.approx(0.0)
+
+
+def test_a_checkpoint_from_before_compile_auto_resumes_with_its_bool_as_off_or_on(tiny_run, tmp_path):
+    """Checkpoints of rectrain before --compile auto hold ``compile: false`` (or true): the plan reads it as off
+    (on), so the resumed run compiles as the original did."""
+    import torch
+
+    from rectrain.config import resolve_config
+    from rectrain.resume import Resume
+    for old, expected in ((False, "off"), (True, "on")):
+        ckpt = load_ckpt(tiny_run.ckpt)
+        ckpt["config"]["compile"] = old
+        path = tmp_path / f"old_{old}.pth"
+        torch.save(ckpt, path)
+        cfg = resolve_config(["--data_dir", tiny_run.data, "--output", str(tmp_path), "--run_name", f"r{old}",
+                              "--resume", str(path)])
+        assert Resume.plan(cfg, {"data_dir", "output", "run_name", "resume"}).config.compile == expected

@@ -278,14 +278,22 @@ def test_srun_style_launch_reads_the_slurm_environment(data_dir, tmp_path):
 
 
 def test_compile_warms_every_shape_up_front_and_never_recompiles(data_dir, tmp_path, monkeypatch):
-    """--compile: the warm-up compiles each training and validation shape once; its time is reported apart."""
+    """--compile: the warm-up compiles each training and validation shape once; its time is reported apart; the
+    compiled graphs go to the --compile_cache folder, which records them for the next run's estimate."""
     import torch._dynamo
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the run sets it for itself: restored afterwards
     torch._dynamo.reset()
-    assert run(data_dir, tmp_path, "--epochs", "2", "--compile", "--max_ratio", "1.0", name="comp") == 0
+    cache = tmp_path / "compile_cache"
+    assert run(data_dir, tmp_path, "--epochs", "2", "--compile", "--max_ratio", "1.0", "--compile_cache", str(cache),
+               name="comp") == 0
     log = (tmp_path / "comp/logs/rank0.log").read_text()
-    assert re.search(r"warm-up: \d+ training and 1 validation batch shapes", log)
+    assert "compile: compiled step (--compile on)" in log and f"compile cache: {cache} (--compile_cache" in log
+    shapes = re.search(r"warm-up: (\d+) training and 1 validation batch shapes", log)
+    assert shapes and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    recorded = next(iter(json.loads((cache / "rectrain_compiled.json").read_text()).values()))
+    assert len(recorded) == int(shapes.group(1)) + 1 and any(g.startswith("eval ") for g in recorded)
     assert "new graph" not in log
     rows = [json.loads(r) for r in (tmp_path / "comp/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["warmup_s"] > 0 and rows[1]["warmup_s"] is None
@@ -299,9 +307,27 @@ def test_a_shape_the_warm_up_missed_is_reported_as_a_recompile(data_dir, tmp_pat
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
     monkeypatch.setattr(train_mod, "plan_shapes", lambda *a: ([], []))  # a warm-up that foresees nothing
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
-    assert run(data_dir, tmp_path, "--epochs", "1", "--compile", "--max_ratio", "1.0", name="miss") == 0
+    assert run(data_dir, tmp_path, "--epochs", "1", "--compile", "--max_ratio", "1.0", "--compile_cache",
+               str(tmp_path / "cc"), name="miss") == 0
     assert "new graph(s) after the warm-up" in (tmp_path / "miss/logs/rank0.log").read_text()
+
+
+def test_compile_auto_trains_eager_on_the_cpu_and_says_why(data_dir, tmp_path):
+    assert run(data_dir, tmp_path, "--epochs", "1", "--max_steps", "1", name="auto") == 0
+    log = (tmp_path / "auto/logs/rank0.log").read_text()
+    line = next(x for x in log.splitlines() if "compile:" in x)
+    assert "eager step (--compile auto: eager on the CPU" in line and "--compile forces it" in line
+    assert "warm-up" not in log and not (tmp_path / "auto/compile_cache").exists()
+
+
+def test_cuda_graphs_with_several_processes_is_refused_before_anything_starts(data_dir, tmp_path, capsys):
+    code = cli_main(["train", "--data_dir", data_dir, "--output", str(tmp_path / "out"), *TINY, "--nproc", "2",
+                     "--cuda_graphs"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--cuda_graphs" in err and "pytorch#139207" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_decode_without_cuda_or_torchvision_is_one_clear_line(data_dir, tmp_path, capsys):

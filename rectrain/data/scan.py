@@ -39,7 +39,7 @@ from PIL import Image
 from rectrain.data import exif
 from rectrain.data.index import FileList, ImageIndex, describe_skipped, list_files, missing_classes, name_some
 from rectrain.errors import UserError
-from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
+from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores, user_cache_dir
 
 __all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "TINY_SIDE", "BadImage", "SplitScan", "CacheStatus", "data_notes",
            "read_size", "scan_split", "cache_status", "cache_name"]
@@ -223,11 +223,6 @@ def cache_name(data_dir: str, split: str, beside_data: bool) -> str:
     return f"sorted_idxar_{split}_{tag}.npz"
 
 
-def _user_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rectrain")
-
-
 def _dir_writable(path: str) -> bool:
     """Try an actual write: permission bits lie (root ignores them; read-only mounts ignore them)."""
     try:
@@ -243,7 +238,7 @@ def _dir_writable(path: str) -> bool:
 def _cache_candidates(data_dir: str, split: str, cache_dir: str | None) -> list[str]:
     """Cache paths in order of preference: beside the data, the run's folder, the user cache."""
     out = [os.path.join(data_dir, cache_name(data_dir, split, True))]
-    for d in ([cache_dir] if cache_dir else []) + [_user_cache_dir()]:
+    for d in ([cache_dir] if cache_dir else []) + [user_cache_dir()]:
         out.append(os.path.join(d, cache_name(data_dir, split, False)))
     return out
 

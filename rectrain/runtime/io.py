@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 __all__ = ["TMP_SUFFIX", "FULL_BELOW_BYTES", "temporary_path", "is_temporary", "atomic_file", "atomic_write",
-           "write_json_atomic", "remove_temporaries", "usable_cores", "pool_context", "process_pool", "pool_map"]
+           "write_json_atomic", "remove_temporaries", "usable_cores", "pool_context", "process_pool", "pool_map",
+           "user_cache_dir"]
 
 TMP_SUFFIX = ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")  # ".{name}.{pid}-{random}.tmp"
@@ -137,6 +138,13 @@ def remove_temporaries(folder: str, recursive: bool = False) -> list[str]:
                 _remove(os.path.join(root, name))
                 removed.append(os.path.join(root, name))
     return removed
+
+
+def user_cache_dir() -> str:
+    """This user's cache folder for rectrain: $XDG_CACHE_HOME/rectrain, else ~/.cache/rectrain (not /tmp: it outlives
+    a reboot and is this user's own). The scan cache of a read-only dataset and the compile cache live there."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rectrain")
 
 
 # -- CPU cores and process pools ------------------------------------------------------------------------------

@@ -105,11 +105,14 @@ def test_e2e_bench_json_reports_the_timed_steps(e2e_result):
     assert r["train_shapes"] and all(s.startswith("4x") for s in r["train_shapes"])
     assert r["settings"]["arch"] == "resnet18" and r["settings"]["precision"] == "fp32"
     assert r["peak_mem_gb"] is None
+    assert r["settings"]["compile"] == "auto" and r["settings"]["compiled"] is False and r["compile_graphs"] == 0
+    assert "eager on the CPU" in r["compile_decision"]  # what --compile auto chose, and why
 
 
 def test_e2e_bench_table_names_images_per_sec_and_the_warm_up(e2e_result):
     text = e2e_mod.render(e2e_result)
     assert "images/s:" in text and "over steps 3-6" in text and "warm-up:" in text and "data wait:" in text
+    assert ", eager, " in text and "0 compiled graph(s)" in text
 
 
 def test_timed_intervals_leave_out_the_steps_before_skip():

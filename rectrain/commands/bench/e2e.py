@@ -149,17 +149,18 @@ def measure_e2e(cfg: TrainConfig, steps: int, skip: int, interval: int, with_val
     res = timed_intervals(rows, skip, cfg.batch_size)
     return {"bench": "e2e", "machine": machine(device), **res, "peak_mem_gb": peak_memory_gb(device),
             "warmup_s": trainer.warmup_s, "train_shapes": [f"{b}x{h}x{w}" for b, h, w in trainer.train_shapes],
+            "compile_graphs": trainer.warmup_graphs, "compile_decision": trainer.compiling.line,
             "skip_steps": skip, "timed_steps": steps, "steps_per_epoch": trainer.steps_per_epoch,
             "wall_s": wall, "intervals": rows, "settings": settings_of(cfg, trainer)}
 
 
 def settings_of(cfg: TrainConfig, trainer) -> dict:
     amp = cfg.precision if torch.device(trainer.device).type == "cuda" else "fp32"
-    keys = ("arch", "width", "batch_size", "target_size", "rect_mode", "decoder", "workers", "compile", "cuda_graphs",
-            "data_dir")
+    keys = ("arch", "width", "batch_size", "target_size", "rect_mode", "max_ratio", "decoder", "workers", "compile",
+            "compile_shapes", "compile_cache", "cuda_graphs", "data_dir")
     out = {k: getattr(cfg, k) for k in keys}
     out.update(precision=amp, channels_last=trainer.channels_last, decode=getattr(cfg, "decode", "cpu"),
-               augmentations=str(trainer.augment.config))
+               augmentations=str(trainer.augment.config), compiled=trainer.compiled)
     return out
 
 
@@ -170,13 +171,13 @@ def render(res: dict) -> str:
         describe_machine(res["machine"]),
         f"e2e: {s['arch']} width {s['width']}, batch {s['batch_size']}, {s['rect_mode']} {s['target_size']}, "
         f"{s['workers']} workers, {s['precision']}, {'channels_last' if s['channels_last'] else 'NCHW'}, "
-        f"{'compiled' if s['compile'] or s['cuda_graphs'] else 'eager'}, decode {s['decode']}",
+        f"{'compiled (' + s['compile_shapes'] + ')' if s['compiled'] else 'eager'}, decode {s['decode']}",
         f"  images/s:        {res['images_per_sec']:,.1f} over steps {res['skip_steps'] + 1}-"
         f"{res['skip_steps'] + res['timed_steps']}",
         f"  data wait:       {100 * res['data_wait_frac']:.1f}% of step time",
         f"  peak memory:     {mem}",
-        f"  warm-up:         {res['warmup_s']:.1f} s for {len(res['train_shapes'])} training batch shapes "
-        "(not counted in images/s)",
+        f"  warm-up:         {res['warmup_s']:.1f} s for {len(res['train_shapes'])} training batch shapes, "
+        f"{res['compile_graphs']} compiled graph(s) (not counted in images/s)",
     ])
 
 
