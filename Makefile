@@ -28,8 +28,11 @@ demo: setup
 	rm -rf runs_rect_ddp/demo
 	$(PY) train_g4.dn_12xlarge.py --data_dir $(DEMO_DATA) $(DEMO_ARGS)
 
+# The suite in TEST_JOBS processes (pytest-xdist): its runs wait on subprocesses and workers, so one process
+# leaves a 2-core machine half idle. TEST_JOBS=0 runs it in this process (for pdb, or one test at a time).
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 
 # The fault-injection suite with its long variants (~16 min on 2 cores); rewrites docs/reliability.md.
 faults: setup
