@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from rectrain.archs import ARCH_NAMES
 from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.data.buckets import MULTIPLE, RECT_MODES
+from rectrain.data.samplers import LEFTOVER_POLICIES
 from rectrain.errors import UserError
 from rectrain.training.augment_config import AugmentationConfig
 from rectrain.training.schedule import ResolutionSchedule
@@ -142,6 +143,13 @@ class TrainConfig:
     nproc: int | None = _f(DIST, None, "processes for the built-in launcher (default: every visible GPU; 1 on CPU)")
     dist_port: str = _f(DIST, "12355", "master port of the built-in multi-GPU launcher")
     dist_timeout: float = _f(DIST, 1800.0, "seconds before a stuck collective (or rendezvous) fails instead of hanging")
+    ddp_leftovers: str = _f(DIST, "mix", "each bucket's last batches, too few to give every process one (issue 18): mix "
+                                         "(trained in steps that mix neighbouring shapes, each as slow as its largest; "
+                                         "the fastest for ImageNet-length runs, docs/benchmarks.md), drop (left out: "
+                                         "every step one shape, up to processes-1 batches per bucket per epoch and every "
+                                         "bucket with fewer batches than processes) or split (cut into equal smaller "
+                                         "batches of their shape, one per process: every step one shape, each split "
+                                         "size one more shape to warm up or compile)", choices=list(LEFTOVER_POLICIES))
     # --- checkpoints and logging ---
     output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
     run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")
@@ -152,6 +160,7 @@ class TrainConfig:
     print_freq: int = _f(LOGS, 50, "log a line every N batches (scalars are read from the device only then)")
     progress: str = _f(LOGS, "auto", "progress bar: auto (a tqdm bar only when stderr is a terminal; otherwise "
                                      "the periodic log lines only), on or off", choices=["auto", "on", "off"])
+
 
     @property
     def warmup(self) -> float:

@@ -279,6 +279,8 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
         f"{len(data.classes)} classes, {len(plan.buckets)} bucket shapes ({plan.buckets.describe()}), "
         f"{data.steps_per_epoch} batches per epoch per process, {workers} worker{'s' if workers != 1 else ''} per process")
+    if info.world_size > 1 and info.is_primary:
+        log(loaders.train_sampler.describe(0))
     return data
 
 
