@@ -22,6 +22,7 @@ from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.data.buckets import MULTIPLE, RECT_MODES
 from rectrain.data.samplers import LEFTOVER_POLICIES
 from rectrain.errors import UserError
+from rectrain.runtime.trackers import parse_log_to
 from rectrain.training.augment_config import AugmentationConfig
 from rectrain.training.schedule import ResolutionSchedule
 
@@ -160,7 +161,12 @@ class TrainConfig:
     print_freq: int = _f(LOGS, 50, "log a line every N batches (scalars are read from the device only then)")
     progress: str = _f(LOGS, "auto", "progress bar: auto (a tqdm bar only when stderr is a terminal; otherwise "
                                      "the periodic log lines only), on or off", choices=["auto", "on", "off"])
-
+    log_to: str | None = _f(LOGS, None, "experiment trackers that get the metrics rows and the resolved config too, "
+                                        "a comma list of wandb, mlflow (rank 0 only; each needs its package: pip install "
+                                        "wandb / pip install mlflow). W&B reads WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE "
+                                        "(offline: log locally, `wandb sync` later); MLflow reads MLFLOW_TRACKING_URI "
+                                        "and MLFLOW_EXPERIMENT_NAME. A resumed run continues the same tracker run; a "
+                                        "tracker that fails is switched off with one warning, never stopping the run")
 
     @property
     def warmup(self) -> float:
@@ -242,6 +248,7 @@ RULES: dict[str, tuple] = {
     "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,
+    "log_to": (lambda v: parse_log_to(v) is not None, "a comma list of wandb, mlflow, e.g. wandb or wandb,mlflow"),
 }
 
 

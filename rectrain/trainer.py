@@ -40,6 +40,7 @@ from rectrain.runtime.io import write_json_atomic
 from rectrain.runtime.lock import RunLock
 from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
 from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, write_summary
+from rectrain.runtime.trackers import check_installed, open_trackers
 from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.ema import ModelEma
@@ -122,6 +123,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         resolve_decode(cfg.decode, torch.device(resolve_device(cfg.device)))
     if cfg.initial_checkpoint and not os.path.isfile(cfg.initial_checkpoint):
         raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
+    check_installed(cfg.log_to)
 
 
 def prepare_run_folder(cfg: TrainConfig) -> None:
@@ -658,9 +660,11 @@ class Trainer:
         write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), self.cfg.to_dict())
         state = self.state
         resumed = self.cfg.resume is not None
+        trackers = open_trackers(self.cfg.log_to, self.paths.run_dir, self.cfg.run_name, self.cfg.to_dict(), resumed,
+                                 self.log)
         metrics = MetricsWriter(self.paths.run_dir, completed=state.epoch if resumed else None,
                                 position=state.epoch + state.batch_in_epoch / self.data.steps_per_epoch,
-                                checkpoint_row=self.resumed_row, log=self.log)
+                                checkpoint_row=self.resumed_row, log=self.log, trackers=trackers)
         for note in metrics.notes:
             self.log(note)
         return metrics
