@@ -263,9 +263,10 @@ class DistributedBatchSampler:
 
     ``leftovers``, the policy for step 2 (``--ddp_leftovers``; step 3 and everything else are the same):
       - ``mix``: as above (mixed rounds of neighbouring shapes);
-      - ``drop``: every bucket's leftover batches sit the epoch out (fewer than R batches per bucket; different
-        images every epoch, as the bucket is reshuffled): every step trains one shape, up to ``K * (R - 1)`` batches
-        fewer per epoch;
+      - ``drop``: every bucket's leftover batches sit the epoch out (fewer than R batches per bucket; other images
+        every epoch, as the bucket is reshuffled): every step trains one shape, up to ``K * (R - 1)`` batches fewer
+        per epoch. A bucket with fewer than R batches in all never trains (at R = 64, 8 of ImageNet's 13
+        ``short_side`` buckets; ``describe`` names them);
       - ``split``: every bucket's leftover batches are pooled and cut into R equal smaller batches of the bucket's
         shape, one more round (so every step trains one shape and one batch size on all ranks); at most
         ``R - 1`` images per bucket sit the epoch out (none where R divides the pool, e.g. batch 256 at R = 8, 64 or
