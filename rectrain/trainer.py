@@ -506,6 +506,9 @@ class Trainer:
                 # One loader iterator for the rest of the run: workers prefetch across epochs, and start decoding
                 # the first batches while the warm-up autotunes and compiles.
                 batches = self.data.on_device(self.data.loaders.epochs(state.epoch, state.batch_in_epoch, cfg.epochs))
+                if metrics is not None:  # --log_to: after the workers fork, as the trackers' threads import packages
+                    metrics.trackers = open_trackers(cfg.log_to, self.paths.run_dir, cfg.run_name, cfg.to_dict(),
+                                                     cfg.resume is not None, self.log)
                 self.warmup_s = self.warm_up()
                 code = self._epochs(batches, loop, metrics)
         finally:
@@ -660,11 +663,9 @@ class Trainer:
         write_json_atomic(os.path.join(self.paths.run_dir, "config.json"), self.cfg.to_dict())
         state = self.state
         resumed = self.cfg.resume is not None
-        trackers = open_trackers(self.cfg.log_to, self.paths.run_dir, self.cfg.run_name, self.cfg.to_dict(), resumed,
-                                 self.log)
         metrics = MetricsWriter(self.paths.run_dir, completed=state.epoch if resumed else None,
                                 position=state.epoch + state.batch_in_epoch / self.data.steps_per_epoch,
-                                checkpoint_row=self.resumed_row, log=self.log, trackers=trackers)
+                                checkpoint_row=self.resumed_row, log=self.log)
         for note in metrics.notes:
             self.log(note)
         return metrics

@@ -104,7 +104,9 @@ class MetricsWriter:
         self._write_epochs()
         self._write_steps(fsync=True)
         self.tb = _tensorboard(os.path.join(run_dir, "tensorboard"))
-        self.trackers = trackers  # rectrain.runtime.trackers.Trackers (--log_to) or None: sent the same rows
+        # rectrain.runtime.trackers.Trackers (--log_to) or None: sent the same rows from when it is set (the trainer
+        # sets it once the DataLoader workers have forked: a fork while a tracker's thread imports could hang a worker).
+        self.trackers = trackers
 
     def _read(self, path: str) -> list[dict]:
         rows, bad = _read_jsonl(path)
