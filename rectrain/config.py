@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, fields
 from rectrain.archs import ARCH_NAMES
 from rectrain.cli import ArgParser, HelpFormatter, did_you_mean
 from rectrain.data.buckets import MULTIPLE, RECT_MODES
+from rectrain.data.samplers import LEFTOVER_POLICIES
 from rectrain.errors import UserError
+from rectrain.runtime.trackers import parse_log_to
 from rectrain.training.augment_config import AugmentationConfig
 from rectrain.training.schedule import ResolutionSchedule
 
@@ -156,6 +158,13 @@ class TrainConfig:
     nproc: int | None = _f(DIST, None, "processes for the built-in launcher (default: every visible GPU; 1 on CPU)")
     dist_port: str = _f(DIST, "12355", "master port of the built-in multi-GPU launcher")
     dist_timeout: float = _f(DIST, 1800.0, "seconds before a stuck collective (or rendezvous) fails instead of hanging")
+    ddp_leftovers: str = _f(DIST, "mix", "each bucket's last batches, too few to give every process one (issue 18): mix "
+                                         "(trained in steps that mix neighbouring shapes, each as slow as its largest; "
+                                         "the fastest for ImageNet-length runs, docs/benchmarks.md), drop (left out: "
+                                         "every step one shape, up to processes-1 batches per bucket per epoch and every "
+                                         "bucket with fewer batches than processes) or split (cut into equal smaller "
+                                         "batches of their shape, one per process: every step one shape, each split "
+                                         "size one more shape to warm up or compile)", choices=list(LEFTOVER_POLICIES))
     # --- checkpoints and logging ---
     output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
     run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")
@@ -166,6 +175,12 @@ class TrainConfig:
     print_freq: int = _f(LOGS, 50, "log a line every N batches (scalars are read from the device only then)")
     progress: str = _f(LOGS, "auto", "progress bar: auto (a tqdm bar only when stderr is a terminal; otherwise "
                                      "the periodic log lines only), on or off", choices=["auto", "on", "off"])
+    log_to: str | None = _f(LOGS, None, "experiment trackers that get the metrics rows and the resolved config too, "
+                                        "a comma list of wandb, mlflow (rank 0 only; each needs its package: pip install "
+                                        "wandb / pip install mlflow). W&B reads WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE "
+                                        "(offline: log locally, `wandb sync` later); MLflow reads MLFLOW_TRACKING_URI "
+                                        "and MLFLOW_EXPERIMENT_NAME. A resumed run continues the same tracker run; a "
+                                        "tracker that fails is switched off with one warning, never stopping the run")
 
     @property
     def warmup(self) -> float:
@@ -247,6 +262,7 @@ RULES: dict[str, tuple] = {
     "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY, "compile_cache": _NOT_EMPTY,
+    "log_to": (lambda v: parse_log_to(v) is not None, "a comma list of wandb, mlflow, e.g. wandb or wandb,mlflow"),
 }
 
 

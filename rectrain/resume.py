@@ -131,6 +131,11 @@ class Resume:
                 log(f"warning: {path} was written by a rectrain that dealt batches to ranks in another order; "
                     f"the rest of epoch {state.epoch + 1} may repeat some images and miss others (later epochs are "
                     "exact)")
+            policy = (ckpt.get("config") or {}).get("ddp_leftovers", "mix")  # older checkpoints: mix, the only one
+            if state.batch_in_epoch and world_size > 1 and policy != self.config.ddp_leftovers:
+                log(f"warning: {path} was written under --ddp_leftovers {policy}, this run deals batches under "
+                    f"{self.config.ddp_leftovers}: the rest of epoch {state.epoch + 1} may repeat some images and miss "
+                    "others (later epochs are exact)")
         else:
             _rescale(state, old_spe, spe, ckpt.get("world_size"), world_size, log)
         schedule = self._continue_lr(ckpt, state, dataclasses.replace(planned, rebased=state.lr_rebased), log)

@@ -41,6 +41,7 @@ from rectrain.runtime.io import write_json_atomic
 from rectrain.runtime.lock import RunLock
 from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
 from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, write_summary
+from rectrain.runtime.trackers import check_installed, open_trackers
 from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.compilation import (CompileDecision, SpatialDynamic, cached_graphs, compile_cache_dir,
@@ -128,6 +129,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise UserError(f"--initial_checkpoint {cfg.initial_checkpoint}: no such file")
     if cfg.cuda_graphs:
         refuse_cuda_graphs_under_ddp(planned_processes(cfg))
+    check_installed(cfg.log_to)
 
 
 def planned_processes(cfg: TrainConfig) -> int:
@@ -307,6 +309,8 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
         f"{len(data.classes)} classes, {len(plan.buckets)} bucket shapes ({plan.buckets.describe()}), "
         f"{data.steps_per_epoch} batches per epoch per process, {workers} worker{'s' if workers != 1 else ''} per process")
+    if info.world_size > 1 and info.is_primary:
+        log(loaders.train_sampler.describe(0))
     return data
 
 
@@ -582,6 +586,9 @@ class Trainer:
                 # One loader iterator for the rest of the run: workers prefetch across epochs, and start decoding
                 # the first batches while the warm-up autotunes and compiles.
                 batches = self.data.on_device(self.data.loaders.epochs(state.epoch, state.batch_in_epoch, cfg.epochs))
+                if metrics is not None:  # --log_to: after the workers fork, as the trackers' threads import packages
+                    metrics.trackers = open_trackers(cfg.log_to, self.paths.run_dir, cfg.run_name, cfg.to_dict(),
+                                                     cfg.resume is not None, self.log)
                 self.warmup_s = self.warm_up()
                 code = self._epochs(batches, loop, metrics)
         finally:

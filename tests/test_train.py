@@ -160,6 +160,25 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_eval_agrees(data_dir,
     assert row["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
 
 
+def test_split_leftovers_under_two_gloo_processes_stop_mid_epoch_and_resume_with_identical_replicas(data_dir, tmp_path):
+    """The non-default leftover policy in a real 2-process run: every step one shape, the leftovers cut into smaller
+    batches (4 steps per epoch on this data, where mix has 3); stopped mid-epoch by --max_steps and resumed to the end.
+    (That a resumed rank reads exactly the rest of its epoch is checked image by image in tests/data/test_loader.py;
+    with one process every policy deals the same batches.)"""
+    ddp = ("--epochs", "1", "--nproc", "2", "--ddp_leftovers", "split")
+    assert run(data_dir, tmp_path, *ddp, "--dist_port", free_port(), "--max_steps", "2", name="split") == 0
+    ck = load_ckpt(tmp_path / "split/checkpoints/last.pth")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["steps_per_epoch"]) == (0, 2, 4)
+    assert run(data_dir, tmp_path, *ddp, "--dist_port", free_port(), "--resume", "auto", name="split") == 0
+    logs = [(tmp_path / f"split/logs/rank{r}.log").read_text() for r in (0, 1)]
+    assert "(--ddp_leftovers split): all 4 steps per epoch train one shape on every rank, 2 of them smaller" in logs[0]
+    assert re.search(r"resumed from \S+last.pth: epoch 1, batch 2, step 2", logs[0]) and "may repeat" not in logs[0]
+    digests = [re.findall(r"final weights sha1 (\w+)", log) for log in logs]
+    # Logged at the stop (BatchNorm buffers still per rank mid-epoch) and at the end (averaged: identical replicas).
+    assert len(digests[0]) == len(digests[1]) == 2 and digests[0][-1] == digests[1][-1]
+    assert load_ckpt(tmp_path / "split/checkpoints/last.pth")["step"] == 4
+
+
 def test_existing_run_is_never_overwritten_without_resume(data_dir, tmp_path, capsys):
     assert run(data_dir, tmp_path, "--epochs", "1", name="r") == 0
     before = (tmp_path / "r/checkpoints/checkpoint_epoch_001.pth").read_bytes()

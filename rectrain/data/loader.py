@@ -146,6 +146,7 @@ class LoaderSettings:
     pin_memory: bool = False
     rank: int = 0
     world_size: int = 1
+    ddp_leftovers: str = "mix"            # each bucket's batches too few for a round: mix | drop | split (samplers)
 
     @property
     def val_batch(self) -> int:
@@ -186,7 +187,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
                                                decoder=s.decoder), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
     base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
-    sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank)
+    sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank, leftovers=s.ddp_leftovers)
     if len(sampler) == 0:
         raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {s.batch_size} "
                         f"for {s.world_size} process(es); lower --batch_size or add images")

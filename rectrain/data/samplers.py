@@ -8,7 +8,8 @@ sees exactly the batches an uninterrupted one would have.
   batches, shuffle the batch order). Replaces the seed's sorted chunks, which never changed.
 - ``DistributedBatchSampler``: deals those batches to ranks in rounds of one bucket, so that at every
   step all ranks train the same (H, W) shape (DDP waits for the slowest rank); the same number of
-  batches on every rank (DDP deadlocks otherwise).
+  batches on every rank (DDP deadlocks otherwise). What happens to each bucket's last batches, too few
+  for a round, is its ``leftovers`` policy (``LEFTOVER_POLICIES``: mix, drop or split).
 - ``ValidationBatchSampler``: every image exactly once across ranks, batches grouped by bucket
   (fast.ai's rectangular validation); ranks may get different batch counts.
 
@@ -22,12 +23,20 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["AspectRatioBatchSampler", "DistributedBatchSampler", "ValidationBatchSampler", "ORDER_VERSION"]
+__all__ = ["AspectRatioBatchSampler", "DistributedBatchSampler", "ValidationBatchSampler", "ORDER_VERSION",
+           "LEFTOVER_POLICIES", "SPLIT_MIN_BATCH"]
 
 # The training order for a given (seed, epoch, world size, bucket counts) is part of a checkpoint's meaning:
 # resuming mid-epoch under another order version gives that epoch a different tail. 1: round-robin
 # dealing of the shuffled batch list; 2: same-shape rounds (issue 8). World size 1 is the same in both.
 ORDER_VERSION = 2
+
+# What DistributedBatchSampler does with the batches of a bucket that do not fill a round (issue 18). The order of
+# ``mix`` is ORDER_VERSION's; the policy is a run setting (``--ddp_leftovers``), saved with the run's config.
+LEFTOVER_POLICIES = ("mix", "drop", "split")
+# ``split`` never makes a batch of fewer images per rank than this: a batch of one image gives BatchNorm no batch
+# statistics where a feature map is 1x1 (the same rule as AspectRatioBatchSampler's single-image buckets).
+SPLIT_MIN_BATCH = 2
 
 # SeedSequence spawn keys: the batch-order stream and one stream per bucket, all derived from
 # (seed, epoch). Spawn keys keep them independent of each other and of any other
@@ -121,6 +130,10 @@ class AspectRatioBatchSampler:
         """Sizes of an epoch's batches, unshuffled (the same multiset every epoch)."""
         return [s for sizes in self._plan(drop_last) for s in sizes]
 
+    def bucket_batch_sizes(self, drop_last: bool | None = None) -> list[list[int]]:
+        """Per bucket that has batches, the sizes of its batches, in ``bucket_batches``' order (the same every epoch)."""
+        return [list(sizes) for sizes in self._plan(drop_last) if sizes]
+
     def bucket_batches(self, epoch: int, drop_last: bool | None = None) -> list[list[np.ndarray]]:
         """The epoch's batches grouped by bucket, before the order shuffle: one list per bucket that has
         batches, buckets in increasing id (= ratio order for a ``BucketTable``). Pure in (seed, epoch)."""
@@ -172,6 +185,39 @@ def _count(groups: list[list[np.ndarray]]) -> int:
     return sum(len(g) for g in groups)
 
 
+def _full_rounds(groups: list[list[np.ndarray]], r: int) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """(each bucket's batches ``r`` at a time: the same-shape rounds, per bucket its leftover batches: fewer than r)."""
+    rounds, leftovers = [], []
+    for group in groups:
+        full = len(group) - len(group) % r
+        rounds.extend(group[i:i + r] for i in range(0, full, r))
+        leftovers.append(group[full:])
+    return rounds, leftovers
+
+
+def _split_size(leftover_sizes: list[int], r: int) -> int:
+    """Images per rank of the round that ``split`` cuts from a bucket's leftover batches; 0: too few to cut."""
+    size = sum(leftover_sizes) // r
+    return size if size >= SPLIT_MIN_BATCH else 0
+
+
+def _drop_rounds(groups: list[list[np.ndarray]], r: int) -> list[list[np.ndarray]]:
+    """``drop``: the same-shape rounds only; each bucket's leftover batches (fewer than r) sit the epoch out."""
+    return _full_rounds(groups, r)[0]
+
+
+def _split_rounds(groups: list[list[np.ndarray]], r: int) -> list[list[np.ndarray]]:
+    """``split``: the same-shape rounds, then per bucket one more round of the same shape: its leftover batches
+    pooled and cut into ``r`` equal smaller batches (``_split_size`` images each; the last ``pool % r`` images of the
+    pool, fewer than r, and pools too small to give every rank ``SPLIT_MIN_BATCH`` images sit the epoch out)."""
+    rounds, leftovers = _full_rounds(groups, r)
+    for rest in leftovers:
+        size = _split_size([len(b) for b in rest], r) if rest else 0
+        if size:
+            rounds.append(np.split(np.concatenate(rest)[:size * r], r))
+    return rounds
+
+
 def _cut_rounds(groups: list[list[np.ndarray]], r: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
     """Rounds of ``r`` batches: each bucket's batches ``r`` at a time, then the leftovers (< r per bucket)
     pooled in bucket order, ``len % r`` of them dropped at random, the rest cut into mixed rounds."""
@@ -215,6 +261,23 @@ class DistributedBatchSampler:
     R = 64 and 10,000 (0.8%) at R = 8, to gain 1.1% and 0.1% efficiency; so leftovers go into mixed
     rounds (there: 9 of 78 steps at R = 64, 5 of 624 at R = 8).
 
+    ``leftovers``, the policy for step 2 (``--ddp_leftovers``; step 3 and everything else are the same):
+      - ``mix``: as above (mixed rounds of neighbouring shapes);
+      - ``drop``: every bucket's leftover batches sit the epoch out (fewer than R batches per bucket; other images
+        every epoch, as the bucket is reshuffled): every step trains one shape, up to ``K * (R - 1)`` batches fewer
+        per epoch. A bucket with fewer than R batches in all never trains (at R = 64, 8 of ImageNet's 13
+        ``short_side`` buckets; ``describe`` names them);
+      - ``split``: every bucket's leftover batches are pooled and cut into R equal smaller batches of the bucket's
+        shape, one more round (so every step trains one shape and one batch size on all ranks); at most
+        ``R - 1`` images per bucket sit the epoch out (none where R divides the pool, e.g. batch 256 at R = 8, 64 or
+        256), and a pool with fewer than ``SPLIT_MIN_BATCH`` images per rank is dropped whole. A split batch is a
+        smaller batch: each rank's loss is the mean over its images and DDP averages equal-sized batches, so the
+        gradient is the mean over the round's images, but BatchNorm's statistics come from fewer images and the
+        learning rate is the full batch's. Each split size is one more batch shape (one more graph under
+        ``--compile``): at most one per bucket, the same every epoch.
+    ``drop`` and ``split`` promise single-shape steps whenever their rounds exist; an epoch where they would give
+    none (every bucket smaller than R batches: tiny datasets) is dealt as ``mix`` deals it (below).
+
     ``num_replicas == 1``: one batch per round, no leftovers, and the round shuffle is the base sampler's
     batch shuffle, so the batches are exactly ``batch_sampler.batches(epoch)``.
 
@@ -234,9 +297,13 @@ class DistributedBatchSampler:
     skipped batches is read). The position itself (epoch, batch) is the checkpoint's.
     """
 
-    def __init__(self, batch_sampler: AspectRatioBatchSampler, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, batch_sampler: AspectRatioBatchSampler, num_replicas: int = 1, rank: int = 0,
+                 leftovers: str = "mix"):
         self.batch_sampler = batch_sampler
         self.num_replicas, self.rank = _check_world(num_replicas, rank)
+        if leftovers not in LEFTOVER_POLICIES:
+            raise ValueError(f"leftovers must be one of {', '.join(LEFTOVER_POLICIES)}, got {leftovers!r}")
+        self.leftovers = leftovers
 
     @property
     def epoch(self) -> int:
@@ -251,6 +318,10 @@ class DistributedBatchSampler:
         batch at position i. Pure in (seed, epoch)."""
         r, base = self.num_replicas, self.batch_sampler
         groups = base.bucket_batches(epoch)
+        if self.leftovers != "mix" and self._policy_steps():
+            rounds = (_drop_rounds if self.leftovers == "drop" else _split_rounds)(groups, r)
+            order = _rng(base.seed, epoch, _ORDER_STREAM).permutation(len(rounds))
+            return [rounds[i] for i in order]
         if _count(groups) < r:
             groups = base.bucket_batches(epoch, drop_last=False)
         if _count(groups) < r:
@@ -272,7 +343,19 @@ class DistributedBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         return (b.tolist() for b in self.rank_batches(self.epoch))
 
+    def _policy_steps(self) -> int:
+        """Steps per epoch under ``drop`` or ``split`` (bucket counts alone decide them); 0: the policy gives no round
+        (every bucket smaller than a round), so the epoch is dealt as ``mix`` deals it."""
+        r = self.num_replicas
+        per_bucket = self.batch_sampler.bucket_batch_sizes()
+        steps = sum(len(sizes) // r for sizes in per_bucket)
+        if self.leftovers == "split":
+            steps += sum(1 for sizes in per_bucket if _split_size(sizes[len(sizes) - len(sizes) % r:], r))
+        return steps
+
     def __len__(self) -> int:
+        if self.leftovers != "mix" and self._policy_steps():
+            return self._policy_steps()
         r, sizes = self.num_replicas, self.batch_sampler.batch_sizes()
         if len(sizes) < r:
             sizes = self.batch_sampler.batch_sizes(drop_last=False)
@@ -282,7 +365,42 @@ class DistributedBatchSampler:
 
     def __repr__(self) -> str:
         return (f"DistributedBatchSampler(rank={self.rank}/{self.num_replicas}, batches_per_rank={len(self)}, "
-                f"epoch={self.epoch}, base={self.batch_sampler!r})")
+                f"leftovers={self.leftovers}, epoch={self.epoch}, base={self.batch_sampler!r})")
+
+    def epoch_summary(self, epoch: int) -> dict:
+        """What an epoch's rounds hold, for the start-up log and the efficiency simulation: ``steps``, ``mixed_steps``
+        (ranks train different shapes), ``small_steps`` (one shape, every batch smaller than ``batch_size``: split
+        rounds), ``images`` trained by all ranks, ``left_out`` (images of the base sampler's batches that no rank
+        trains: the cost of dealing in rounds; the base sampler's own partial batches are not counted)."""
+        rounds = self.rounds(epoch)
+        ids, full = self.batch_sampler.bucket_ids, self.batch_sampler.batch_size
+        shapes = [len({int(ids[b[0]]) for b in step}) for step in rounds]
+        images = sum(len(b) for step in rounds for b in step)
+        return {"steps": len(rounds), "mixed_steps": sum(n > 1 for n in shapes),
+                "small_steps": sum(n == 1 and max(len(b) for b in step) < full for n, step in zip(shapes, rounds)),
+                "images": images, "left_out": max(0, sum(self.batch_sampler.batch_sizes()) - images)}
+
+    def describe(self, epoch: int) -> str:
+        """One line for the start-up log: the policy and what it costs per epoch (bucket counts decide it)."""
+        s, total, r = self.epoch_summary(epoch), sum(self.batch_sampler.batch_sizes()), self.num_replicas
+        dealt = self.leftovers if self.leftovers == "mix" or self._policy_steps() else "mix"
+        if dealt == "mix":
+            what = (f"{s['mixed_steps']} of {s['steps']} steps per epoch train different (neighbouring) shapes on "
+                    "different ranks, each as slow as its largest")
+        else:
+            what = f"all {s['steps']} steps per epoch train one shape on every rank"
+        if dealt == "split":
+            what += f", {s['small_steps']} of them smaller batches cut from the leftovers"
+        if dealt != self.leftovers:
+            what = f"too few batches per bucket for {self.leftovers} at {r} processes, dealt as mix: {what}"
+        line = (f"leftover batches (--ddp_leftovers {self.leftovers}): {what}; {s['left_out']:,} of {total:,} images "
+                f"({s['left_out'] / max(total, 1):.1%}) left out per epoch")
+        small = [sum(sizes) for sizes in self.batch_sampler.bucket_batch_sizes() if len(sizes) < r]
+        if dealt == "drop" and small:
+            line += (f", among them every image of the {len(small)} bucket(s) with fewer than {r} batches "
+                     f"({sum(small):,} images, never trained at this world size: --ddp_leftovers split or mix train "
+                     "them)")
+        return line
 
 
 class ValidationBatchSampler:

@@ -15,6 +15,8 @@ What is written where, under ``{output}/{run_name}/`` (e.g. ``runs_rect_ddp/demo
     (epoch rows under their own names against the epoch, interval rows under ``step/...`` against the
     step). View with ``tensorboard --logdir runs_rect_ddp`` (one curve per run).
   - ``summary.json``: best/final accuracy, time, mean images/s (written by the trainer).
+  - ``trackers.json``: the ids of the W&B / MLflow runs that ``--log_to`` sends the same rows to
+    (``rectrain.runtime.trackers``), so that a resumed run continues them.
 
 Every file is rewritten whole and atomically (``rectrain.runtime.io``): a kill or a full disk never leaves half a
 row, and a resumed run reads back exactly what was there. The epoch files (and ``config.json``, ``summary.json``)
@@ -77,7 +79,7 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str, completed: int | None = None, position: float | None = None,
-                 checkpoint_row: dict | None = None, log=None):
+                 checkpoint_row: dict | None = None, log=None, trackers=None):
         self.run_dir = run_dir
         self.jsonl = os.path.join(run_dir, "metrics.jsonl")
         self.csv = os.path.join(run_dir, "metrics.csv")
@@ -102,6 +104,9 @@ class MetricsWriter:
         self._write_epochs()
         self._write_steps(fsync=True)
         self.tb = _tensorboard(os.path.join(run_dir, "tensorboard"))
+        # rectrain.runtime.trackers.Trackers (--log_to) or None: sent the same rows from when it is set (the trainer
+        # sets it once the DataLoader workers have forked: a fork while a tracker's thread imports could hang a worker).
+        self.trackers = trackers
 
     def _read(self, path: str) -> list[dict]:
         rows, bad = _read_jsonl(path)
@@ -141,6 +146,8 @@ class MetricsWriter:
                 if k != "epoch" and _finite(v):
                     self.tb.add_scalar(k, v, row["epoch"])
             self.tb.flush()
+        if self.trackers is not None:
+            self.trackers.epoch(row)
         self.redraw()
 
     def add_interval(self, row: dict) -> None:
@@ -152,6 +159,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and _finite(v):
                     self.tb.add_scalar(f"step/{k}", v, row["step"])
+        if self.trackers is not None:
+            self.trackers.interval(row)
 
     def redraw(self) -> None:
         try:
@@ -163,6 +172,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _csv_writer(f) -> csv.DictWriter:

@@ -101,6 +101,32 @@ def test_epoch_stream_spans_epochs_from_a_mid_epoch_start(data_dir):
     assert labels.tolist() == [int(scan.index.labels[i]) for _, b in expected for i in b]
 
 
+@pytest.mark.parametrize("policy", ["drop", "split"])
+def test_a_rank_resumed_mid_epoch_under_each_leftover_policy_decodes_the_tail_of_its_epoch(data_dir, policy):
+    """Rank 1 of 2 through real worker processes: a loader built afresh at the checkpoint's (epoch, batch), as a
+    resumed run builds it, yields the images and labels the uninterrupted run trained from there on."""
+    scan = scan_split(data_dir, "train")
+
+    def loaders():
+        return build_loaders(scan, None, make_buckets(32), LoaderSettings(batch_size=4, workers=2, seed=0, rank=1,
+                                                                           world_size=2, ddp_leftovers=policy))
+    straight = loaders()
+    try:
+        mix = LoaderSettings(batch_size=4, workers=0, seed=0, rank=1, world_size=2)
+        assert [b.tolist() for b in straight.train_sampler.rank_batches(1)] != \
+            [b.tolist() for b in build_loaders(scan, None, make_buckets(32), mix).train_sampler.rank_batches(1)]
+        uninterrupted = [(x, y) for x, y, _ in straight.epochs(1, 0, 2)]
+    finally:
+        straight.close()
+    resumed = loaders()
+    try:
+        tail = [(x, y) for x, y, _ in resumed.epochs(1, 1, 2)]
+    finally:
+        resumed.close()
+    assert len(uninterrupted) == len(tail) + 1 >= 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(uninterrupted[1:], tail))
+
+
 def test_worker_batches_are_built_in_shared_memory(data_dir):
     from rectrain.data import loader as loader_mod
 

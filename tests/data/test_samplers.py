@@ -1,11 +1,16 @@
 """Samplers: single-bucket batches, per-epoch order from (seed, epoch), equal batch counts per rank,
 exact mid-epoch resume, validation that covers every image once."""
 
+import functools
+
 import numpy as np
 import pytest
 
+from rectrain.data import synth
+from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import EpochStream
-from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler
+from rectrain.data.samplers import (LEFTOVER_POLICIES, SPLIT_MIN_BATCH, AspectRatioBatchSampler,
+                                    DistributedBatchSampler, ValidationBatchSampler)
 
 WORLD_SIZES = range(1, 9)
 
@@ -331,6 +336,118 @@ def test_resume_past_the_end_of_the_epoch_is_rejected():
 def test_rank_outside_world_is_rejected():
     with pytest.raises(ValueError, match="rank"):
         DistributedBatchSampler(AspectRatioBatchSampler(bucket_ids(100, 2), 8), 2, 2)
+
+
+# --- Leftover policies (issue 18): ImageNet-like ratios at 2..64 ranks ------------------------------------------
+
+LEFTOVER_WORLDS = range(2, 65)
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_like_ids(n: int = 20_000) -> np.ndarray:
+    """Bucket ids of n images with ImageNet's ratio mix in the seed's 13 short_side buckets at 224 px (no images)."""
+    rng = np.random.default_rng(0)
+    sizes = np.array([synth.image_size(rng, "imagenet") for _ in range(n)], dtype=np.int64)
+    return make_buckets(224, "short_side").assign(sizes)
+
+
+def leftover_sampler(policy, world, rank=0, batch_size=16, seed=42):
+    return DistributedBatchSampler(AspectRatioBatchSampler(imagenet_like_ids(), batch_size, seed=seed), world, rank,
+                                   leftovers=policy)
+
+
+@pytest.mark.parametrize("policy", LEFTOVER_POLICIES)
+def test_every_policy_gives_every_rank_the_same_batch_count_and_no_image_twice(policy):
+    for world in LEFTOVER_WORLDS:
+        rounds = leftover_sampler(policy, world).rounds(1)
+        last_rank = leftover_sampler(policy, world, rank=world - 1)  # its own objects: agrees without talking
+        assert len(rounds) == len(last_rank) > 0 and all(len(step) == world for step in rounds), world
+        assert as_tuples(last_rank.rank_batches(1)) == as_tuples([step[-1] for step in rounds])
+        flat = np.concatenate([b for step in rounds for b in step])
+        assert len(flat) == len(np.unique(flat)), world
+
+
+@pytest.mark.parametrize("policy", ["drop", "split"])
+def test_drop_and_split_train_one_shape_and_one_batch_size_at_every_step(policy):
+    ids = imagenet_like_ids()
+    for world in LEFTOVER_WORLDS:
+        for step in leftover_sampler(policy, world).rounds(0):
+            assert len(set(ids[np.concatenate(step)].tolist())) == 1, world
+            assert len({len(b) for b in step}) == 1, world
+
+
+def test_mix_mixes_shapes_in_at_most_one_step_fewer_than_the_buckets():
+    ids = imagenet_like_ids()
+    shapes = len(np.unique(ids))
+    mixed = [sum(len(set(ids[np.concatenate(step)].tolist())) > 1 for step in leftover_sampler("mix", w).rounds(0))
+             for w in LEFTOVER_WORLDS]
+    assert max(mixed) <= shapes - 1 and max(mixed) > 0
+
+
+def per_bucket_images(rounds, ids):
+    flat = np.concatenate([b for step in rounds for b in step])
+    return np.bincount(ids[flat], minlength=ids.max() + 1)
+
+
+def test_split_trains_every_leftover_image_but_fewer_than_world_size_per_bucket():
+    ids = imagenet_like_ids()
+    base = AspectRatioBatchSampler(ids, 16, seed=42)
+    sizes = {int(k): s for k, s in zip(np.unique(ids), base.bucket_batch_sizes())}
+    for world in LEFTOVER_WORLDS:
+        trained = per_bucket_images(leftover_sampler("split", world).rounds(3), ids)
+        for k, batches in sizes.items():
+            full = len(batches) - len(batches) % world
+            pool = sum(batches[full:])
+            cut = pool - pool % world if pool // world >= SPLIT_MIN_BATCH else 0
+            assert trained[k] == sum(batches[:full]) + cut, (world, k)
+
+
+def test_drop_leaves_out_each_buckets_leftover_batches_and_different_images_every_epoch():
+    ids = imagenet_like_ids()
+    base = AspectRatioBatchSampler(ids, 16, seed=42)
+    sizes = base.bucket_batch_sizes()
+    for world in LEFTOVER_WORLDS:
+        trained = per_bucket_images(leftover_sampler("drop", world).rounds(0), ids)
+        assert trained[np.unique(ids)].tolist() == [16 * (len(b) - len(b) % world) for b in sizes], world
+    s = leftover_sampler("drop", 8)
+    used = [set(np.concatenate(s.global_batches(e)).tolist()) for e in (0, 1)]
+    assert used[0] != used[1] and len(used[0]) == len(used[1])
+
+
+def test_drop_names_the_buckets_it_never_trains_at_this_world_size():
+    line = leftover_sampler("drop", 64).describe(0)
+    rare = [len(b) for b in AspectRatioBatchSampler(imagenet_like_ids(), 16).bucket_batch_sizes() if len(b) < 64]
+    assert rare and f"every image of the {len(rare)} bucket(s) with fewer than 64 batches" in line
+
+
+@pytest.mark.parametrize("policy", ["drop", "split"])
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_drop_and_split_deal_tiny_datasets_as_mix_does_when_they_have_no_round(policy, world):
+    for ids, batch_size in tiny_datasets():
+        s = DistributedBatchSampler(AspectRatioBatchSampler(ids, batch_size), world, 0, leftovers=policy)
+        rounds = s.rounds(0)
+        assert len(rounds) == len(s) >= 1 and all(len(step) == world for step in rounds)
+        flat = [int(i) for step in rounds for b in step for i in b]
+        assert len(flat) == len(set(flat))
+
+
+@pytest.mark.parametrize("policy", ["drop", "split"])
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_resume_under_each_new_policy_yields_the_tail_of_the_uninterrupted_epoch(policy, world):
+    ids = bucket_ids(300, 5)
+    for rank in range(world):
+        full = DistributedBatchSampler(AspectRatioBatchSampler(ids, 8), world, rank, leftovers=policy)
+        uninterrupted = full.rank_batches(3)
+        assert as_tuples(uninterrupted) != as_tuples(
+            DistributedBatchSampler(AspectRatioBatchSampler(ids, 8), world, rank).rank_batches(3))  # not mix's
+        for k in range(len(full) + 1):
+            resumed = DistributedBatchSampler(AspectRatioBatchSampler(ids, 8), world, rank, leftovers=policy)
+            assert resumed_stream(resumed, 3, k) == [b.tolist() for b in uninterrupted[k:]]
+
+
+def test_an_unknown_leftover_policy_is_rejected():
+    with pytest.raises(ValueError, match="leftovers"):
+        DistributedBatchSampler(AspectRatioBatchSampler(bucket_ids(100, 2), 8), 2, 0, leftovers="spread")
 
 
 # --- ValidationBatchSampler ---------------------------------------------------------------------------
