@@ -256,7 +256,8 @@ RULES: dict[str, tuple] = {
     "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,
-    "poly_power": _POSITIVE, "lars_eta": _POSITIVE, "lamb_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9 0.999"),
+    "poly_power": _POSITIVE, "lars_eta": _POSITIVE,
+    "lamb_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9 0.999"),
     "opt_eps": _NOT_NEGATIVE, "accum_steps": _AT_LEAST_1,
 }
 

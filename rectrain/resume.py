@@ -168,7 +168,9 @@ class Resume:
 def _schedule_ended(ckpt: dict) -> bool:
     """Whether the run that wrote ``ckpt`` had trained all the steps its own settings planned."""
     cfg, spe = ckpt.get("config") or {}, ckpt.get("steps_per_epoch")
-    return bool(spe and cfg.get("epochs")) and ckpt["step"] >= cfg["epochs"] * optimizer_steps(spe, cfg.get("accum_steps", 1))
+    if not (spe and cfg.get("epochs")):
+        return False
+    return ckpt["step"] >= cfg["epochs"] * optimizer_steps(spe, cfg.get("accum_steps", 1))
 
 
 def _rescale(state: TrainState, old: tuple, new: tuple, log) -> None:

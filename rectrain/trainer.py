@@ -46,8 +46,8 @@ from rectrain.training.ema import ModelEma
 from rectrain.training.evaluation import evaluate, format_top5, reduce_eval
 from rectrain.training.loop import LoopSettings, train_one_epoch
 from rectrain.training.parts import OptimSettings, StepParts, build_step_parts, unwrap
-from rectrain.training.schedule import (LRSchedule, ResolutionSchedule, describe_lr, final_size, optimizer_steps, peak_lr,
-                                       validation_size)
+from rectrain.training.schedule import (LRSchedule, ResolutionSchedule, describe_lr, final_size, optimizer_steps,
+                                       peak_lr, validation_size)
 from rectrain.training.step import DeviceNormalize, TrainStep
 from rectrain.training.warmup import compiled_graphs, plan_shapes, warm_up
 
@@ -380,6 +380,17 @@ def use_sync_bn(model: torch.nn.Module, info: DistInfo, log) -> None:
     log(f"SyncBatchNorm: BatchNorm statistics over the global batch of {info.world_size} processes")
 
 
+def describe_accumulation(batches: int, accum_steps: int) -> str:
+    """The start-up line of --accum_steps: optimizer steps per epoch, and the short last accumulation if any."""
+    if accum_steps > batches:
+        return (f"gradient accumulation: an epoch has {batches} batches, fewer than --accum_steps {accum_steps}: one "
+                f"optimizer step of {batches} batches per epoch")
+    steps, rest = optimizer_steps(batches, accum_steps), batches % accum_steps
+    last = f" (the last of {rest} batch{'es' if rest > 1 else ''})" if rest else ""
+    return (f"gradient accumulation: {accum_steps} batches per optimizer step, {steps} step{'s' if steps > 1 else ''} "
+            f"per epoch{last}")
+
+
 def planned_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> LRSchedule:
     """The learning rate this run's settings plan (a resume may rebase it: ``Resume.restore``), over optimizer steps:
     ``steps_per_epoch`` batches make ``optimizer_steps(steps_per_epoch, --accum_steps)`` of them per epoch, and the
@@ -518,6 +529,8 @@ class Trainer:
         t0 = time.time()
         self.log(describe_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size, self.info.world_size, cfg.accum_steps, cfg.opt,
                              cfg.lr_schedule))
+        if cfg.accum_steps > 1:
+            self.log(describe_accumulation(self.data.steps_per_epoch, cfg.accum_steps))
         metrics = on_primary(self._open_metrics, "writing config.json and the metrics files", self.log)
         loop = LoopSettings(steps_per_epoch=self.data.steps_per_epoch, print_freq=self.print_freq,
                             world_size=self.info.world_size, log=self.log, max_steps=cfg.max_steps,

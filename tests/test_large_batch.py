@@ -28,6 +28,7 @@ def test_a_stop_inside_an_accumulation_saves_at_its_end_and_resumes_exactly(data
     assert run(data_dir, tmp_path, *ACCUM, name="straight") == 0
     log = (tmp_path / "straight/logs/rank0.log").read_text()
     assert "global batch 32 (1 process(es) x 8 x 4 accumulated batches)" in log and "lamb with poly decay" in log
+    assert "gradient accumulation: 4 batches per optimizer step, 2 steps per epoch (the last of 2 batches)" in log
     straight = load_ckpt(tmp_path / "straight/checkpoints/last.pth")
     assert (straight["steps_per_epoch"], straight["step"]) == (6, 2)  # 6 batches, ceil(6 / 4) optimizer steps
 

@@ -9,9 +9,10 @@ Units: ``--print_freq``, the progress bar and the position count batches; ``stat
 ``--max_steps`` count optimizer steps. With ``--accum_steps N`` an optimizer step is an accumulation of N batches
 (``schedule.accumulation``), and a stop (a signal, --max_steps) is agreed only when one ends: a checkpoint never
 holds half an accumulation, so a resumed run starts at an accumulation's first batch and continues exactly. A
-signal waits for at most N - 1 more batches; partial gradients are never saved (under DDP they are each rank's own,
-not yet all-reduced: a rank's worth of weights per rank), and nothing needs rolling back (BatchNorm statistics, the
-random streams and the loss sums have already moved on with the accumulation's first batches).
+signal waits for at most N - 1 more batches. So partial gradients are never saved (under DDP they are each rank's
+own, not yet all-reduced: a tensor the size of the weights per rank), and nothing needs rolling back, as restarting
+an accumulation would (BatchNorm statistics, the random streams and the loss sums have moved on with its first
+batches).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The pieces one training step is made of, built one way for every caller: the model on its device and memory
-format, the optimizer (SGD, or LARS/LAMB: ``rectrain.training.optim``), the loss scaler and autocast. The trainer, `rectrain check`'s memory probe and the benchmarks all build
-them here, so what they measure is what trains.
+format, the optimizer (SGD, or LARS/LAMB: ``rectrain.training.optim``), the loss scaler and autocast. The trainer,
+`rectrain check`'s memory probe and the benchmarks all build them here, so what they measure is what trains.
 
 Precision: ``fp32`` (no autocast), ``bf16`` or ``fp16`` autocast on CUDA; CPU runs are fp32 whatever was asked
 (autocast on the CPU is slower than fp32 there). The GradScaler is always built and only *enabled* for fp16

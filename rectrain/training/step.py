@@ -4,9 +4,10 @@
 the permute is a view, so the batch is channels_last for free.
 
 ``TrainStep``: normalise, augment, forward, loss, backward, optimizer and scaler step, learning rate from the
-schedule; with gradient accumulation (``--accum_steps``) a batch is one micro-batch of an optimizer step. It is what
-tests drive directly and what ``--compile`` speeds up; it never reads a value back from the device. It is the same code for fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32) and a
-GradScaler that is always constructed and only *enabled* for fp16 (nanoGPT's habit).
+schedule; with gradient accumulation (``--accum_steps``) a batch is one micro-batch of an optimizer step. It is
+what tests drive directly and what ``--compile`` speeds up; it never reads a value back from the device. It is the
+same code for fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32) and a GradScaler that is
+always constructed and only *enabled* for fp16 (nanoGPT's habit).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def make_params():
     """Decayed, trust-ratio tensors (one all zero: ratio 1; one whose gradient is zero: ratio 1; one without a
     gradient: untouched) and excluded ones (BatchNorm-like and a bias)."""
     g = torch.Generator().manual_seed(0)
-    adapted = [torch.randn(4, 3, generator=g), torch.zeros(5), torch.randn(6, generator=g), torch.randn(2, 2, generator=g)]
+    adapted = [torch.randn(4, 3, generator=g), torch.zeros(5), torch.randn(6, generator=g),
+               torch.randn(2, 2, generator=g)]
     excluded = [torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)]
     return [torch.nn.Parameter(t) for t in adapted], [torch.nn.Parameter(t) for t in excluded]
 
