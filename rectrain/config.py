@@ -163,8 +163,8 @@ class TrainConfig:
     dist_port: str = _f(DIST, "12355", "master port of the built-in multi-GPU launcher")
     dist_timeout: float = _f(DIST, 1800.0, "seconds before a stuck collective (or rendezvous) fails instead of hanging")
     sync_bn: bool = _f(DIST, False, "SyncBatchNorm under DDP: BatchNorm statistics over the global batch rather than "
-                                    "each GPU's own (for small per-GPU batches; one collective per BatchNorm layer "
-                                    "and step; CUDA only; no effect with one process)")
+                                    "each GPU's own (for small per-GPU batches; collectives in every BatchNorm "
+                                    "layer's forward and backward; CUDA only; no effect with one process)")
     # --- checkpoints and logging ---
     output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
     run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")
