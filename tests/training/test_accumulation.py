@@ -70,6 +70,26 @@ def test_a_short_last_accumulation_averages_the_micro_batches_it_has():
     assert_same_update(model.state_dict(), reference(8))
 
 
+def test_each_micro_batch_draws_its_own_mixup():
+    """MixUp/CutMix are per batch, as without accumulation: 4 micro-batches, 4 draws of lambda."""
+    from rectrain.training.augment import AugmentationConfig
+    step = make_step(no_bn_model())
+    real = BatchAugment(AugmentationConfig(use_cutmix=False, use_random_erasing=False, batch_aug_prob=1.0), seed=0,
+                        device="cpu")
+    drawn = []
+    step.augment = lambda images, labels: _record(drawn, real, images, labels)
+    images, labels = two_class_batch(n=16)
+    for m in range(4):
+        step(images[4 * m:4 * m + 4], labels[4 * m:4 * m + 4], 0, m, 4)
+    assert len(drawn) == 4 and len(set(drawn)) == 4 and all(0 < lam < 1 for lam in drawn)
+
+
+def _record(drawn, augment, images, labels):
+    out = augment(images, labels)
+    drawn.append(float(out[3]))
+    return out
+
+
 def test_only_the_last_micro_batch_synchronises_under_ddp(tmp_path):
     """DDP decides in forward whether the coming backward all-reduces: all but the last forward run in no_sync."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
