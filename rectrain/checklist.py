@@ -309,15 +309,15 @@ def check_unusable_files(state: _State) -> Item:
 
 
 # -- disk and output --------------------------------------------------------------------------------
-def checkpoint_bytes(arch: str, num_classes: int, width: int, ema: bool = False) -> int:
-    """Bytes of one checkpoint: weights and buffers, SGD momentum (one tensor per parameter), the EMA copy of
-    weights and buffers with --ema_decay, a little more."""
+def checkpoint_bytes(arch: str, num_classes: int, width: int, ema: bool = False, opt: str = "sgd") -> int:
+    """Bytes of one checkpoint: weights and buffers, the optimizer's state (SGD's and LARS's momentum: one tensor per
+    parameter; LAMB's two moments: two), the EMA copy of weights and buffers with --ema_decay, a little more."""
     from rectrain.model import build_model
     # Built for real on the CPU (~0.5 s for ResNet-50): on the meta device, its random init imports torch._dynamo (~3 s).
     model = build_model(arch, num_classes=num_classes, width=width)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return 2 * params + buffers + (params + buffers if ema else 0) + CKPT_EXTRA
+    return (3 if opt == "lamb" else 2) * params + buffers + (params + buffers if ema else 0) + CKPT_EXTRA
 
 
 def _existing_parent(path: str) -> str:
@@ -334,7 +334,7 @@ def check_disk(state: _State, disk_usage: Callable = shutil.disk_usage) -> Item:
     and a mid-epoch ``last.pth`` after a stop (a file of its own; ``last``/``best`` are otherwise hard links).
     """
     cfg = state.cfg
-    per = checkpoint_bytes(cfg.arch, state.num_classes, cfg.width, ema=cfg.ema_decay > 0)
+    per = checkpoint_bytes(cfg.arch, state.num_classes, cfg.width, ema=cfg.ema_decay > 0, opt=cfg.opt)
     kept = min(cfg.keep_checkpoints or cfg.epochs, cfg.epochs)
     need = per * (kept + 2) + RUN_EXTRA
     where = _existing_parent(state.run_dir)

@@ -24,7 +24,7 @@ from rectrain.data.samplers import LEFTOVER_POLICIES
 from rectrain.errors import UserError
 from rectrain.runtime.trackers import parse_log_to
 from rectrain.training.augment_config import AugmentationConfig
-from rectrain.training.schedule import ResolutionSchedule
+from rectrain.training.schedule import LR_SCHEDULES, ResolutionSchedule
 
 # Help sections of `rectrain train --help`, in this order; every field names one in its metadata.
 DATA, MODEL, OPTIM, AUG, SPEED, DIST, LOGS = GROUPS = (
@@ -105,7 +105,7 @@ class TrainConfig:
                                "gives 0.1 x global/256)")
     lr_per_256: float | None = _f(OPTIM, None, "peak learning rate per 256 images instead of --lr: the rate is "
                                                "X x global batch / 256 (Goyal et al.); exclusive with --lr")
-    momentum: float = _f(OPTIM, 0.9, "SGD momentum, in [0, 1)")
+    momentum: float = _f(OPTIM, 0.9, "momentum of SGD and LARS, in [0, 1) (LAMB's are --lamb_betas)")
     weight_decay: float = _f(OPTIM, 1e-4, "L2 weight decay (not applied to BatchNorm parameters or biases)")
     seed: int = _f(OPTIM, 42, "random seed (>= 0): data order, crops, augmentations, initial weights")
     label_smoothing: float = _f(OPTIM, 0.1, "label smoothing in [0, 1), composed with MixUp/CutMix targets")
@@ -117,6 +117,26 @@ class TrainConfig:
     ema_decay: float = _f(OPTIM, 0.0, "weight EMA decay per step, e.g. 0.9998 (0: off); validated beside the raw "
                                       "weights (val_acc1_ema) and saved in checkpoints")
     ema_every: int = _f(OPTIM, 1, "update the EMA every N steps (decay^N each time: the same time constant)")
+    # large global batches: the optimizer, the decay and gradient accumulation (README: "Large global batches")
+    opt: str = _f(OPTIM, "sgd", "optimizer: sgd (the seed's; with the linear-scaling rule, good to a global batch of "
+                                "about 8k), lars (momentum with a per-layer trust ratio: MLPerf's ResNet-50 "
+                                "optimizer for larger batches; pair it with --lr_schedule poly) or lamb (Adam's "
+                                "moments with the per-layer trust ratio, You et al. 2019); BatchNorm parameters and "
+                                "biases get no trust ratio and no weight decay", choices=["sgd", "lars", "lamb"])
+    lr_schedule: str = _f(OPTIM, "cosine", "decay after the warm-up: cosine, or poly (min_lr + (lr - min_lr) x "
+                                           "(1 - progress)^--poly_power: MLPerf's LARS schedule, with --min_lr 1e-4)",
+                          choices=list(LR_SCHEDULES))
+    poly_power: float = _f(OPTIM, 2.0, "the power of --lr_schedule poly (MLPerf's: 2)")
+    lars_eta: float = _f(OPTIM, 0.001, "LARS trust coefficient: a layer's rate is lr x eta x |w| / (|g| + "
+                                       "weight_decay x |w|) (MLPerf's: 0.001)")
+    lamb_betas: tuple[float, float] = _f(OPTIM, (0.9, 0.999), "LAMB's decay rates of the gradient's first and "
+                                         "second moments", metavar=("BETA1", "BETA2"))
+    opt_eps: float | None = _f(OPTIM, None, "epsilon of LARS's trust ratio (not given: 0, MLPerf's) or of LAMB's "
+                                            "denominator (not given: 1e-6)")
+    accum_steps: int = _f(OPTIM, 1, "gradient accumulation: N batches per optimizer step, their gradients averaged "
+                                    "(DDP synchronises only the last). The global batch becomes --batch_size x "
+                                    "processes x N, for --lr_per_256 too; the schedule and --max_steps count "
+                                    "optimizer steps, --print_freq batches")
     # --- batch augmentations (the seed's AugmentationConfig) ---
     use_mixup: bool = _f(AUG, True, "MixUp", flag="--no_mixup", invert=True)
     mixup_alpha: float = _f(AUG, 0.2, "MixUp Beta(alpha, alpha)")
@@ -165,6 +185,9 @@ class TrainConfig:
                                          "bucket with fewer batches than processes) or split (cut into equal smaller "
                                          "batches of their shape, one per process: every step one shape, each split "
                                          "size one more shape to warm up or compile)", choices=list(LEFTOVER_POLICIES))
+    sync_bn: bool = _f(DIST, False, "SyncBatchNorm under DDP: BatchNorm statistics over the global batch rather than "
+                                    "each GPU's own (for small per-GPU batches; collectives in every BatchNorm "
+                                    "layer's forward and backward; CUDA only; no effect with one process)")
     # --- checkpoints and logging ---
     output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
     run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")
@@ -263,6 +286,9 @@ RULES: dict[str, tuple] = {
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
     "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY, "compile_cache": _NOT_EMPTY,
     "log_to": (lambda v: parse_log_to(v) is not None, "a comma list of wandb, mlflow, e.g. wandb or wandb,mlflow"),
+    "poly_power": _POSITIVE, "lars_eta": _POSITIVE,
+    "lamb_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9 0.999"),
+    "opt_eps": _NOT_NEGATIVE, "accum_steps": _AT_LEAST_1,
 }
 
 
@@ -308,6 +334,8 @@ def _check_combinations(cfg: TrainConfig) -> None:
                         "lower it (0 is usual)")
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("--nesterov needs a momentum: set --momentum (e.g. 0.9) or drop --nesterov")
+    if cfg.nesterov and cfg.opt == "lamb":
+        raise UserError("--nesterov is for --opt sgd or lars; LAMB has no Nesterov variant here: drop --nesterov")
     if cfg.res_schedule:
         ResolutionSchedule.parse(cfg.res_schedule).check_epochs(cfg.epochs)
     if cfg.cuda_graphs and cfg.compile == "off":
@@ -533,7 +561,7 @@ def _add_flag(group, f: dataclasses.Field) -> None:
     if "const" in meta:  # the value of the bare flag: --compile is --compile on
         kw.update(nargs="?", const=meta["const"])
     if kind == "pair":
-        kw.update(nargs=2, type=float, metavar=("MIN", "MAX"))
+        kw.update(nargs=2, type=float, metavar=meta.get("metavar", ("MIN", "MAX")))
     elif kind in ("int", "float"):
         kw.update(type=int if kind == "int" else float, metavar="N" if kind == "int" else "X")
     else:

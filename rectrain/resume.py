@@ -12,10 +12,11 @@ The planner only peeks at the checkpoint (its tensors memory-mapped, not read).
 
 ``Resume.restore`` runs in every rank, which loads the checkpoint once, and returns where training starts (a
 ``TrainState``: epoch, batch, step) and the learning-rate schedule to follow:
-- the same world size and batches per epoch: exact, from the saved batch, with this rank's RNG and augmentation
-  streams (the batches are a pure function of seed and epoch, so ``EpochStream`` simply starts at that batch);
-- another world size or batch size: the position is kept in epochs (the step rescaled to the new batches per
-  epoch; a mid-epoch checkpoint restarts its epoch);
+- the same world size, batches per epoch and --accum_steps: exact, from the saved batch, with this rank's RNG and
+  augmentation streams (the batches are a pure function of seed and epoch, so ``EpochStream`` simply starts at that
+  batch; a checkpoint never stops inside an accumulation: ``rectrain.training.loop``);
+- another world size, batch size or --accum_steps: the position is kept in epochs (the step rescaled to the new
+  optimizer steps per epoch; a mid-epoch checkpoint restarts its epoch);
 - the learning rate: the schedule planned for this run's settings, continued from the rate the checkpoint last
   applied when the settings (--epochs, --lr, the batch count) changed the curve, so the rate never jumps
   (``LRSchedule.continuing``).
@@ -34,7 +35,7 @@ from rectrain.runtime.metrics import RunPaths
 from rectrain.training import checkpoint as ckpt_io
 from rectrain.training.checkpoint import Checkpointer
 from rectrain.training.loop import TrainState
-from rectrain.training.schedule import LRSchedule
+from rectrain.training.schedule import LRSchedule, optimizer_steps
 
 __all__ = ["NOT_INHERITED", "Resume", "Start"]
 
@@ -124,7 +125,8 @@ class Resume:
                            best_acc1=ckpt.get("best_acc1", -1.0),
                            lr_rebased=tuple(ckpt["lr_rebased"]) if ckpt.get("lr_rebased") else None)
         old_spe = ckpt.get("steps_per_epoch") or spe
-        if ckpt.get("world_size") == world_size and old_spe == spe:
+        old_accum, accum = (ckpt.get("config") or {}).get("accum_steps", 1), checkpointer.config.get("accum_steps", 1)
+        if ckpt.get("world_size") == world_size and old_spe == spe and old_accum == accum:
             checkpointer.load_rank(ckpt, state)
             order = ckpt.get("sampler", {}).get("order_version", 1)
             if state.batch_in_epoch and world_size > 1 and order != ckpt_io.ORDER_VERSION:
@@ -137,7 +139,7 @@ class Resume:
                     f"{self.config.ddp_leftovers}: the rest of epoch {state.epoch + 1} may repeat some images and miss "
                     "others (later epochs are exact)")
         else:
-            _rescale(state, old_spe, spe, ckpt.get("world_size"), world_size, log)
+            _rescale(state, (ckpt.get("world_size"), old_spe, old_accum), (world_size, spe, accum), log)
         schedule = self._continue_lr(ckpt, state, dataclasses.replace(planned, rebased=state.lr_rebased), log)
         log(f"resumed from {path}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}, step {state.step}")
         row = ckpt.get("metrics") or None
@@ -172,19 +174,25 @@ class Resume:
 def _schedule_ended(ckpt: dict) -> bool:
     """Whether the run that wrote ``ckpt`` had trained all the steps its own settings planned."""
     cfg, spe = ckpt.get("config") or {}, ckpt.get("steps_per_epoch")
-    return bool(spe and cfg.get("epochs")) and ckpt["step"] >= cfg["epochs"] * spe
+    if not (spe and cfg.get("epochs")):
+        return False
+    return ckpt["step"] >= cfg["epochs"] * optimizer_steps(spe, cfg.get("accum_steps", 1))
 
 
-def _rescale(state: TrainState, old_spe: int, new_spe: int, old_world, new_world: int, log) -> None:
-    """Another world size or batch size: keep the run's position in the schedule, in epochs.
+def _rescale(state: TrainState, old: tuple, new: tuple, log) -> None:
+    """Another world size, batch size or --accum_steps (``old``, ``new``: (world size, batches per epoch,
+    accum_steps)): keep the run's position in the schedule, in epochs.
 
-    The step count is rescaled to the new batches per epoch, so the learning rate continues from where it was and
-    still ends at its minimum. A mid-epoch checkpoint restarts its epoch from the first batch (the old dealing of
-    batches to ranks cannot be continued)."""
+    The step count is rescaled to the new optimizer steps per epoch, so the learning rate continues from where it
+    was and still ends at its minimum. A mid-epoch checkpoint restarts its epoch from the first batch (the old
+    dealing of batches to ranks, or into accumulations, cannot be continued)."""
+    (old_world, old_spe, old_accum), (new_world, new_spe, new_accum) = old, new
     if state.batch_in_epoch:
+        accum = f", --accum_steps {old_accum} -> {new_accum}" if (old_accum, new_accum) != (1, 1) else ""
         log(f"note: checkpoint was written with {old_world} process(es) and {old_spe} batches/epoch; now "
-            f"{new_world} and {new_spe}: epoch {state.epoch + 1} restarts from its first batch")
-    state.step = round((state.step - state.batch_in_epoch) * new_spe / old_spe)
+            f"{new_world} and {new_spe}{accum}: epoch {state.epoch + 1} restarts from its first batch")
+    finished_epochs = state.step - optimizer_steps(state.batch_in_epoch, old_accum)
+    state.step = round(finished_epochs * optimizer_steps(new_spe, new_accum) / optimizer_steps(old_spe, old_accum))
     state.batch_in_epoch = 0
 
 

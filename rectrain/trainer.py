@@ -51,7 +51,8 @@ from rectrain.training.ema import ModelEma
 from rectrain.training.evaluation import evaluate, format_top5, reduce_eval
 from rectrain.training.loop import LoopSettings, train_one_epoch
 from rectrain.training.parts import OptimSettings, StepParts, build_step_parts, unwrap
-from rectrain.training.schedule import LRSchedule, ResolutionSchedule, describe_lr, final_size, peak_lr, validation_size
+from rectrain.training.schedule import (LRSchedule, ResolutionSchedule, describe_lr, final_size, optimizer_steps,
+                                       peak_lr, validation_size)
 from rectrain.training.step import DeviceNormalize, TrainStep
 from rectrain.training.warmup import compiled_graphs, plan_shapes, warm_up
 
@@ -378,6 +379,8 @@ def build_parts(cfg: TrainConfig, num_classes: int, info: DistInfo, log) -> RunP
         log("note: mixed precision is used on CUDA only; training in fp32 on the CPU")
     step = build_step_parts(cfg.arch, num_classes, device, width=cfg.width, precision=cfg.precision,
                             channels_last=cfg.channels_last, optim=cfg.slice(OptimSettings))
+    if cfg.sync_bn:
+        use_sync_bn(step.model, info, log)
     augment = BatchAugment(cfg.augmentation(), seed=cfg.seed, rank=info.rank, device=device)
     if cfg.initial_checkpoint:
         load_initial_weights(step.model, cfg.initial_checkpoint, log=log)
@@ -388,11 +391,46 @@ def build_parts(cfg: TrainConfig, num_classes: int, info: DistInfo, log) -> RunP
     return RunParts(step, augment, DecodeFailurePolicy(cfg.max_decode_failures, log=log), ema)
 
 
+def check_sync_bn(cfg: TrainConfig, info: DistInfo) -> None:
+    """--sync_bn where it cannot work, said before the data is scanned: torch's SyncBatchNorm refuses CPU tensors
+    (torch 2.13: "SyncBatchNorm expected input tensor to be on GPU"), gloo or not."""
+    if cfg.sync_bn and info.distributed and torch.device(info.device).type != "cuda":
+        raise UserError("--sync_bn needs GPUs: torch's SyncBatchNorm synchronises CUDA tensors only and refuses "
+                        "CPU ones; drop --sync_bn for a CPU run")
+
+
+def use_sync_bn(model: torch.nn.Module, info: DistInfo, log) -> None:
+    """--sync_bn: every BatchNorm of ``model`` becomes a SyncBatchNorm, in place, before DDP wraps it. The new
+    layers take over the same parameter and buffer tensors (the optimizer built before keeps them) under the same
+    names, so a checkpoint's state dict is a BatchNorm model's: `rectrain eval`/`export` and runs without --sync_bn
+    load it as it is. With one process there is nothing to synchronise."""
+    if not info.distributed:
+        log("note: --sync_bn has no effect with one process: its BatchNorm already sees the whole batch")
+        return
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model  # the root is not a BatchNorm: its children were replaced in place
+    log(f"SyncBatchNorm: BatchNorm statistics over the global batch of {info.world_size} processes")
+
+
+def describe_accumulation(batches: int, accum_steps: int) -> str:
+    """The start-up line of --accum_steps: optimizer steps per epoch, and the short last accumulation if any."""
+    if accum_steps > batches:
+        return (f"gradient accumulation: an epoch has {batches} batches, fewer than --accum_steps {accum_steps}: one "
+                f"optimizer step of {batches} batches per epoch")
+    steps, rest = optimizer_steps(batches, accum_steps), batches % accum_steps
+    last = f" (the last of {rest} batch{'es' if rest > 1 else ''})" if rest else ""
+    return (f"gradient accumulation: {accum_steps} batches per optimizer step, {steps} step{'s' if steps > 1 else ''} "
+            f"per epoch{last}")
+
+
 def planned_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> LRSchedule:
-    """The learning rate this run's settings plan (a resume may rebase it: ``Resume.restore``)."""
-    peak = peak_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size * world_size)
-    return LRSchedule(peak, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=round(cfg.warmup * steps_per_epoch),
-                      min_lr=cfg.min_lr)
+    """The learning rate this run's settings plan (a resume may rebase it: ``Resume.restore``), over optimizer steps:
+    ``steps_per_epoch`` batches make ``optimizer_steps(steps_per_epoch, --accum_steps)`` of them per epoch, and the
+    global batch of one step (for --lr_per_256) is batch x processes x --accum_steps."""
+    peak = peak_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size * world_size * cfg.accum_steps)
+    per_epoch = optimizer_steps(steps_per_epoch, cfg.accum_steps)
+    return LRSchedule(peak, total_steps=cfg.epochs * per_epoch, warmup_steps=round(cfg.warmup * per_epoch),
+                      min_lr=cfg.min_lr, kind=cfg.lr_schedule, power=cfg.poly_power)
 
 
 @dataclass
@@ -507,6 +545,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger, resume: Resume) -> "Trainer":
         log = logger.info
+        check_sync_bn(cfg, info)
         data = build_data(cfg, info, paths, log)
         try:
             parts = build_parts(cfg, len(data.classes), info, log)
@@ -572,11 +611,15 @@ class Trainer:
     def fit(self) -> int:
         cfg, state = self.cfg, self.state
         t0 = time.time()
-        self.log(describe_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size, self.info.world_size))
+        self.log(describe_lr(cfg.lr, cfg.lr_per_256, cfg.batch_size, self.info.world_size, cfg.accum_steps, cfg.opt,
+                             cfg.lr_schedule))
+        if cfg.accum_steps > 1:
+            self.log(describe_accumulation(self.data.steps_per_epoch, cfg.accum_steps))
         metrics = on_primary(self._open_metrics, "writing config.json and the metrics files", self.log)
         loop = LoopSettings(steps_per_epoch=self.data.steps_per_epoch, print_freq=self.print_freq,
                             world_size=self.info.world_size, log=self.log, max_steps=cfg.max_steps,
-                            on_interval=self._interval_writer(metrics), rank=self.info.rank)
+                            on_interval=self._interval_writer(metrics), rank=self.info.rank,
+                            accum_steps=cfg.accum_steps)
         self.stop.install()
         try:
             if cfg.max_steps is not None and state.step >= cfg.max_steps:  # e.g. a requeued job that got there
@@ -764,7 +807,7 @@ class Trainer:
         """summary.json, curves.png (also for a run that ended before its first epoch row) and the closing lines;
         called by every rank (``metrics`` is rank 0's)."""
         run = {"steps": self.state.step, "world_size": self.info.world_size,
-               "global_batch": self.cfg.batch_size * self.info.world_size,
+               "global_batch": self.cfg.batch_size * self.info.world_size * self.cfg.accum_steps,
                "device": torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"}
 
         def write() -> dict:

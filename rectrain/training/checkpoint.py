@@ -297,7 +297,12 @@ class Checkpointer:
                                   f"{str(e).splitlines()[0]}") from None
         if p.ema is not None:  # a checkpoint without EMA (switched on now) starts the average from its weights
             p.ema.module.load_state_dict(ckpt.get("model_ema", ckpt["model"]))
-        p.optimizer.load_state_dict(ckpt["optimizer"])
+        saved_opt, opt = (ckpt.get("config") or {}).get("opt", "sgd"), self.config.get("opt", "sgd")
+        if saved_opt == opt:
+            p.optimizer.load_state_dict(ckpt["optimizer"])
+        else:  # another optimizer's state means something else (LARS's momentum holds the rate, SGD's does not)
+            self.log(f"note: {path} was trained with --opt {saved_opt}; this run's --opt {opt} starts its state "
+                     "(momentum, moments) afresh from the checkpoint's weights")
         p.scaler.load_state_dict(ckpt["scaler"])
         p.failures.load_state_dict([])
 

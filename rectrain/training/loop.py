@@ -1,9 +1,18 @@
 """The epoch loop around ``TrainStep``: timing, the data-wait share, the non-finite guard, log lines, the
 progress bar and the agreed stop flag.
 
-Scalars are read from the device only every ``print_freq`` steps (the guard's all-reduce and the loss sum); in
+Scalars are read from the device only every ``print_freq`` batches (the guard's all-reduce and the loss sum); in
 between, the loss sum and the first non-finite step stay on the device. ``TrainState`` is the run's position and
 running sums, what a checkpoint must carry for an exact resume.
+
+Units: ``--print_freq``, the progress bar and the position count batches; ``state.step``, the learning rate and
+``--max_steps`` count optimizer steps. With ``--accum_steps N`` an optimizer step is an accumulation of N batches
+(``schedule.accumulation``), and a stop (a signal, --max_steps) is agreed only when one ends: a checkpoint never
+holds half an accumulation, so a resumed run starts at an accumulation's first batch and continues exactly. A
+signal waits for at most N - 1 more batches. So partial gradients are never saved (under DDP they are each rank's
+own, not yet all-reduced: a tensor the size of the weights per rank), and nothing needs rolling back, as restarting
+an accumulation would (BatchNorm statistics, the random streams and the loss sums have moved on with its first
+batches).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 from rectrain.data.failures import DecodeFailurePolicy, guarded
 from rectrain.errors import UserError
 from rectrain.runtime.distributed import StopFlag, all_reduce_min
+from rectrain.training.schedule import accumulation
 from rectrain.training.step import TrainStep
 
 __all__ = ["TrainState", "NonFiniteLoss", "LoopSettings", "IntervalMeter", "NonFiniteGuard", "train_one_epoch",
@@ -57,7 +67,8 @@ class LoopSettings:
     print_freq: int             # log (and read scalars from the device) every N batches
     world_size: int
     log: Callable[[str], None]  # rank-aware logger
-    max_steps: int | None = None
+    max_steps: int | None = None  # optimizer steps
+    accum_steps: int = 1        # batches per optimizer step
     on_interval: Callable[[dict], None] | None = None  # rank 0: one row per print interval (metrics)
     rank: int = 0
 
@@ -135,7 +146,8 @@ def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: Stop
         meter.arrived()
         if failed:
             _record_failures(failures, failed, stop)
-        loss, stepped = train_step(images, labels, state.step)
+        micro, micro_batches = accumulation(state.batch_in_epoch, loop.steps_per_epoch, loop.accum_steps)
+        loss, stepped = train_step(images, labels, state.step, micro, micro_batches)
         state.step += int(stepped)  # the schedule advances only when the optimizer stepped
         loss_sum += loss.double() * labels.shape[0]
         guard.observe(loss, state.step)
@@ -146,6 +158,8 @@ def train_one_epoch(train_step: TrainStep, loader, state: TrainState, stop: Stop
             _report_interval(_interval_row(train_step, state, loop, meter, loss_sum.item()), state, loop, progress)
         if progress is not None:
             progress.update(1)
+        if micro < micro_batches - 1:
+            continue  # inside an accumulation: no stop here (module docstring), every rank alike
         signum = stop.should_stop()
         if signum or (loop.max_steps is not None and state.step >= loop.max_steps):
             break

@@ -1,6 +1,6 @@
 """The pieces one training step is made of, built one way for every caller: the model on its device and memory
-format, SGD, the loss scaler and autocast. The trainer, `rectrain check`'s memory probe and the benchmarks all build
-them here, so what they measure is what trains.
+format, the optimizer (SGD, or LARS/LAMB: ``rectrain.training.optim``), the loss scaler and autocast. The trainer,
+`rectrain check`'s memory probe and the benchmarks all build them here, so what they measure is what trains.
 
 Precision: ``fp32`` (no autocast), ``bf16`` or ``fp16`` autocast on CUDA; CPU runs are fp32 whatever was asked
 (autocast on the CPU is slower than fp32 there). The GradScaler is always built and only *enabled* for fp16
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rectrain.model import build_model, param_groups
+from rectrain.model import build_model
+from rectrain.training.optim import build_optimizer
 
 __all__ = ["PRECISIONS", "precision_of", "autocast_dtype", "autocast_factory", "OptimSettings", "StepParts",
            "build_step_parts", "unwrap"]
@@ -55,18 +56,22 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """SGD's settings, a typed slice of ``TrainConfig`` (the same field names)."""
+    """The optimizer's settings, a typed slice of ``TrainConfig`` (the same field names)."""
 
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9        # SGD's and LARS's
     weight_decay: float = 1e-4   # not on BatchNorm parameters and biases (``param_groups``)
     nesterov: bool = False
+    opt: str = "sgd"             # sgd, lars or lamb (``rectrain.training.optim``)
+    lars_eta: float = 0.001      # LARS's trust coefficient
+    lamb_betas: tuple[float, float] = (0.9, 0.999)
+    opt_eps: float | None = None  # None: the optimizer's default (LARS 0, LAMB 1e-6)
 
 
 @dataclass
 class StepParts:
     model: torch.nn.Module          # the plain module, on its device (channels_last where asked)
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer  # SGD, Lars or Lamb
     scaler: torch.amp.GradScaler    # enabled for fp16 only
     autocast: object                # () -> context manager
     amp_dtype: torch.dtype | None   # None: fp32
@@ -76,8 +81,9 @@ class StepParts:
 def build_step_parts(arch: str, num_classes: int, device: torch.device | str, *, width: int = 64,
                      precision: str = "fp32", channels_last: bool = True, optim: OptimSettings = OptimSettings(),
                      sgd: dict | None = None) -> StepParts:
-    """The model (``torch.manual_seed`` first, if the caller needs the same weights everywhere), SGD with momentum,
-    scaler and autocast. ``channels_last`` applies on CUDA only. ``sgd``: extra ``torch.optim.SGD`` arguments
+    """The model (``torch.manual_seed`` first, if the caller needs the same weights everywhere), the optimizer
+    (``optim.opt``: SGD with momentum by default), scaler and autocast. ``channels_last`` applies on CUDA only.
+    ``sgd``: extra ``torch.optim.SGD`` arguments
     (``foreach``/``fused``, for the benchmark that compares them); by default torch's choice (foreach on CUDA):
     fused measured 1.004x on an H200, within noise (docs/benchmarks.md), not worth a second code path."""
     device = torch.device(device)
@@ -86,7 +92,8 @@ def build_step_parts(arch: str, num_classes: int, device: torch.device | str, *,
     model = build_model(arch, num_classes=num_classes, width=width).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, optim.weight_decay), lr=optim.lr, momentum=optim.momentum,
-                                nesterov=optim.nesterov, **(sgd or {}))
+    optimizer = build_optimizer(model, optim.opt, lr=optim.lr, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay, nesterov=optim.nesterov, lars_eta=optim.lars_eta,
+                                lamb_betas=optim.lamb_betas, opt_eps=optim.opt_eps, sgd=sgd)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return StepParts(model, optimizer, scaler, autocast_factory(device, dtype), dtype, channels_last)

@@ -1,10 +1,12 @@
 """Schedules as pure functions: the learning rate of the step, the image resolution of the epoch.
 
-The learning rate is linear warm-up, then cosine decay, stepped per iteration, not per epoch (Goyal et
-al. 2017 warm-up; Loshchilov & Hutter 2017 cosine); ``LRSchedule`` is that curve for a run, and how a resumed
-run with other settings continues it without a jump. The resolution rises linearly between two epochs,
-in multiples of 32 (FFCV's progressive resizing). Pure, so resume needs no scheduler state: the step
-and epoch counts are enough (and, after a changed resume, the point where the curve was rebased).
+The learning rate is linear warm-up, then cosine decay (``--lr_schedule cosine``) or polynomial decay
+(``poly``: MLPerf's LARS recipe), stepped per optimizer step, not per epoch (Goyal et al. 2017 warm-up;
+Loshchilov & Hutter 2017 cosine); ``LRSchedule`` is that curve for a run, and how a resumed run with other
+settings continues it without a jump. With ``--accum_steps N`` an optimizer step is N batches
+(``optimizer_steps``, ``accumulation``). The resolution rises linearly between two epochs, in multiples of 32
+(FFCV's progressive resizing). Pure, so resume needs no scheduler state: the step and epoch counts are enough
+(and, after a changed resume, the point where the curve was rebased).
 """
 
 from __future__ import annotations
@@ -35,13 +37,50 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, mi
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def poly_lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+               power: float = 2.0) -> float:
+    """``lr_at``'s warm-up, then polynomial decay from base_lr to min_lr at the last step:
+    ``min_lr + (base_lr - min_lr) * (1 - progress) ** power``, progress 0 at the first step after the warm-up.
+
+    MLPerf's ResNet-50 reference pairs it with LARS: power 2, end rate 1e-4 (mlcommons/training,
+    image_classification/tensorflow2/lars_util.py, ``PolynomialDecayWithWarmup``; its warm-up starts at 0 where
+    this one starts at base_lr/warmup_steps, as the cosine's does here)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    step = min(max(step, 0), total_steps - 1)
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps - 1, 1)
+    return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
+
+
+LR_SCHEDULES = ("cosine", "poly")
+
+
+def optimizer_steps(batches: int, accum_steps: int = 1) -> int:
+    """Optimizer steps in ``batches`` batches of one epoch with ``--accum_steps``: an epoch's last accumulation
+    may be shorter (``accumulation``), so every batch trains and an epoch ends on an optimizer step."""
+    return -(-batches // accum_steps)
+
+
+def accumulation(batch: int, batches: int, accum_steps: int = 1) -> tuple[int, int]:
+    """(index of ``batch`` in its accumulation, that accumulation's length): batch ``batch`` (0-based) of an epoch of
+    ``batches`` batches. Accumulations start at multiples of ``accum_steps`` and never cross an epoch's end: the last
+    one holds the ``batches % accum_steps`` batches left over, when there are some (its gradient is their mean: a
+    smaller batch for that one step, rather than batches dropped or carried into the next epoch)."""
+    first = batch - batch % accum_steps
+    return batch - first, min(accum_steps, batches - first)
+
+
 @dataclass(frozen=True)
 class LRSchedule:
-    """Warm-up + cosine over the whole run, as a function of the optimizer step (``lr_at``).
+    """Warm-up + cosine (or ``kind="poly"``: polynomial decay of ``power``) over the whole run, as a function of
+    the optimizer step (``lr_at``, ``poly_lr_at``).
 
     ``rebased``: (step, lr) where a resumed run changed the schedule (another --epochs, --lr, ...): from that step
-    on, a cosine from that lr down to ``min_lr`` at the last step, so the rate never jumps and still ends at its
-    minimum. Saved in checkpoints, so a later resume continues the same curve exactly.
+    on, the same kind of curve (cosine or poly) from that lr down to ``min_lr`` at the last step, so the rate never
+    jumps and still ends at its minimum. Saved in checkpoints, so a later resume continues the same curve exactly.
     """
 
     base_lr: float      # peak rate for the global batch
@@ -49,12 +88,19 @@ class LRSchedule:
     warmup_steps: int
     min_lr: float = 0.0
     rebased: tuple[int, float] | None = None
+    kind: str = "cosine"   # LR_SCHEDULES
+    power: float = 2.0     # of the polynomial decay
+
+    def _curve(self, step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float) -> float:
+        if self.kind == "poly":
+            return poly_lr_at(step, base_lr, total_steps, warmup_steps, min_lr, self.power)
+        return lr_at(step, base_lr, total_steps, warmup_steps, min_lr)
 
     def __call__(self, step: int) -> float:
         if self.rebased is None or step < self.rebased[0]:
-            return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
+            return self._curve(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
         start, lr = self.rebased
-        return lr_at(step - start, lr, self.total_steps - start, 0, min(self.min_lr, lr))
+        return self._curve(step - start, lr, self.total_steps - start, 0, min(self.min_lr, lr))
 
     def continuing(self, step: int, last_lr: float) -> "LRSchedule":
         """This schedule, or one rebased so that it continues from ``last_lr``, the rate a checkpoint applied at
@@ -171,17 +217,23 @@ def peak_lr(lr: float, lr_per_256: float | None, global_batch: int) -> float:
     return lr if lr_per_256 is None else lr_per_256 * global_batch / 256
 
 
-def describe_lr(lr: float, lr_per_256: float | None, batch_size: int, world_size: int) -> str:
+def describe_lr(lr: float, lr_per_256: float | None, batch_size: int, world_size: int, accum_steps: int = 1,
+                opt: str = "sgd", lr_schedule: str = "cosine") -> str:
     """The start-up line on the learning rate, saying plainly when --lr is far from the linear-scaling rule
-    (Goyal et al. 2017: 0.1 per 256 images), e.g. the seed's 4-GPU command trains a 1024 batch at 0.1."""
-    global_batch = batch_size * world_size
-    head = f"global batch {global_batch} ({world_size} process(es) x {batch_size}); "
+    (Goyal et al. 2017: 0.1 per 256 images), e.g. the seed's 4-GPU command trains a 1024 batch at 0.1. The global
+    batch is what one optimizer step sees: batch x processes x --accum_steps. The rule is SGD's: LARS and LAMB
+    rates are on another scale (their update is rescaled per layer), so for them the line only states the rate."""
+    global_batch = batch_size * world_size * accum_steps
+    accumulated = f" x {accum_steps} accumulated batches" if accum_steps > 1 else ""
+    head = f"global batch {global_batch} ({world_size} process(es) x {batch_size}{accumulated}); "
+    how = "" if (opt, lr_schedule) == ("sgd", "cosine") else f"; {opt} with {lr_schedule} decay"
     if lr_per_256 is not None:
-        return head + f"peak lr {peak_lr(lr, lr_per_256, global_batch):.4g} (--lr_per_256 {lr_per_256} x {global_batch}/256)"
+        return head + (f"peak lr {peak_lr(lr, lr_per_256, global_batch):.4g} (--lr_per_256 {lr_per_256} x "
+                       f"{global_batch}/256){how}")
     rule = 0.1 * global_batch / 256
-    note = "" if math.isclose(lr, rule, rel_tol=0.01) else (
+    note = "" if opt != "sgd" or math.isclose(lr, rule, rel_tol=0.01) else (
         f"; the linear-scaling rule would give {rule:.4g} (--lr_per_256 0.1): --lr {lr} is {lr / rule:.2g}x that")
-    return head + f"peak lr {lr:.4g} (--lr, for the global batch){note}"
+    return head + f"peak lr {lr:.4g} (--lr, for the global batch){note}{how}"
 
 
 def final_size(target_size: int, res_schedule: str | None) -> int:

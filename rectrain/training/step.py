@@ -4,16 +4,19 @@
 the permute is a view, so the batch is channels_last for free.
 
 ``TrainStep``: normalise, augment, forward, loss, backward, optimizer and scaler step, learning rate from the
-schedule. It is what tests drive directly and what ``--compile`` speeds up; it never reads a value back from the
-device. It is the same code for fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32) and a
-GradScaler that is always constructed and only *enabled* for fp16 (nanoGPT's habit).
+schedule; with gradient accumulation (``--accum_steps``) a batch is one micro-batch of an optimizer step. It is
+what tests drive directly and what ``--compile`` speeds up; it never reads a value back from the device. It is the
+same code for fp32, bf16 and fp16: autocast with an explicit dtype (disabled for fp32) and a GradScaler that is
+always constructed and only *enabled* for fp16 (nanoGPT's habit).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rectrain.training.losses import augmented_loss
@@ -43,14 +46,30 @@ class DeviceNormalize:
         return f"DeviceNormalize(device={self.device}, dtype={self.dtype})"
 
 
+def ddp_of(model: torch.nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper in ``model`` (under a torch.compile wrapper too), or None in a single process."""
+    while model is not None:
+        if isinstance(model, DistributedDataParallel):
+            return model
+        model = getattr(model, "_orig_mod", None)
+    return None
+
+
 class TrainStep:
-    """One optimizer step: ``(images, labels, step) -> (loss, stepped)``.
+    """One optimizer step: ``(images, labels, step) -> (loss, stepped)``; with gradient accumulation, one
+    micro-batch of it: ``(images, labels, step, micro, micro_batches)``.
 
     images: (B, H, W, 3) uint8, on the host (pinned) or already on the device; labels: (B,) int64.
     loss: the batch's mean loss, a 0-dim fp32 tensor on the device (not read back here).
-    stepped: whether the optimizer applied the update (False only when fp16's scaler skipped it after
-    an overflow); known on the host without a sync, from an optimizer hook, because the scaler has
-    already read its overflow flag inside ``scaler.step``.
+    stepped: whether the optimizer applied the update (False on all but the last micro-batch, and when fp16's
+    scaler skipped it after an overflow); known on the host without a sync, from an optimizer hook, because the
+    scaler has already read its overflow flag inside ``scaler.step``.
+
+    Accumulation (``micro`` of ``micro_batches``, from ``schedule.accumulation``): the first micro-batch sets the
+    rate and clears the gradients, each one adds the gradient of its loss / ``micro_batches`` (so the step's gradient
+    is their mean, as one batch of all their images would give, BatchNorm aside: it normalises each micro-batch on
+    its own), the last one steps. Under DDP all but the last run forward and backward in ``no_sync`` (the gradients
+    stay local; the last backward all-reduces their sum). Each micro-batch draws its own MixUp/CutMix, as a batch does.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -64,23 +83,31 @@ class TrainStep:
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
         self.ema = ema                      # ModelEma or None: averaged after each applied update
+        self.ddp = ddp_of(model)            # for no_sync on all but an accumulation's last micro-batch
         self._stepped = False
         optimizer.register_step_post_hook(self._on_optimizer_step)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._stepped = True
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, micro: int = 0,
+                 micro_batches: int = 1) -> tuple[torch.Tensor, bool]:
         images, labels = self.normalize(images, labels)
         if not self.channels_last:
             images = images.contiguous()
-        set_lr(self.optimizer, self.lr_schedule(step))
+        last = micro == micro_batches - 1
+        if micro == 0:
+            set_lr(self.optimizer, self.lr_schedule(step))
+            self.optimizer.zero_grad(set_to_none=True)
         images, labels_a, labels_b, lam = self.augment(images, labels)
-        with self.autocast():
-            outputs = self.model(images)
-        loss = augmented_loss(outputs.float(), labels_a, labels_b, lam, self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        # no_sync must hold the forward too: DDP decides in forward whether the coming backward all-reduces
+        with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+            with self.autocast():
+                outputs = self.model(images)
+            loss = augmented_loss(outputs.float(), labels_a, labels_b, lam, self.label_smoothing)
+            self.scaler.scale(loss / micro_batches if micro_batches > 1 else loss).backward()
+        if not last:
+            return loss.detach(), False
         self._stepped = False
         self.scaler.step(self.optimizer)  # fp16: skips the update when gradients overflowed
         self.scaler.update()

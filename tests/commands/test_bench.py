@@ -125,6 +125,15 @@ def test_timed_intervals_leave_out_the_steps_before_skip():
     assert res["data_wait_frac"] == pytest.approx(0.04 / 1.2)
 
 
+def test_e2e_bench_with_accumulation_logs_whole_optimizer_steps(tmp_path):
+    """--accum_steps N: each measured interval is N x --interval batches, ending on an optimizer step, and a step
+    holds N batches of images."""
+    from rectrain.config import resolve_config
+    cfg = resolve_config(["--data_dir", str(tmp_path), "--accum_steps", "4", "--batch_size", "8"])
+    run = e2e_mod.bench_config(cfg, str(tmp_path), str(tmp_path), skip=5, steps=10, interval=5)
+    assert (run.max_steps, run.print_freq, run.accum_steps) == (15, 20, 4)
+
+
 def test_e2e_bench_rejects_zero_steps_in_one_line(data_dir, capsys):
     assert cli_main(["bench", "e2e", "--data_dir", data_dir, "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -174,15 +174,17 @@ def test_unusable_files_are_unknown_before_a_scan(data, tmp_path):
 
 
 # -- disk and output --------------------------------------------------------------------------------
-def test_checkpoint_bytes_match_a_saved_checkpoint(tmp_path):
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb"])
+def test_checkpoint_bytes_match_a_saved_checkpoint(tmp_path, name):
     from rectrain.model import build_model
+    from rectrain.training.optim import build_optimizer
     model = build_model("resnet18", num_classes=5, width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = build_optimizer(model, name, lr=0.1)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
-    opt.step()  # creates the momentum buffers
+    opt.step()  # creates the momentum buffers (LAMB: both moments)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
-    predicted = check.checkpoint_bytes("resnet18", 5, 8) - check.CKPT_EXTRA
+    predicted = check.checkpoint_bytes("resnet18", 5, 8, opt=name) - check.CKPT_EXTRA
     assert abs(predicted - len(buf.getvalue())) < 0.05 * len(buf.getvalue())
 
 

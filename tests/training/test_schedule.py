@@ -3,7 +3,8 @@ import math
 import pytest
 
 from rectrain.errors import UserError
-from rectrain.training.schedule import ResolutionSchedule, lr_at, resolution_at
+from rectrain.training.schedule import (LRSchedule, ResolutionSchedule, accumulation, describe_lr, lr_at,
+                                       optimizer_steps, poly_lr_at, resolution_at)
 
 
 def test_warmup_rises_linearly_to_base_lr():
@@ -39,6 +40,47 @@ def test_zero_total_steps_is_an_error():
 
 
 # --- progressive resolution ----------------------------------------------------------------------
+
+def test_poly_warms_up_as_the_cosine_then_decays_as_a_square_to_min_lr_at_the_last_step():
+    assert [poly_lr_at(s, 2.0, 110, 10) for s in range(10)] == [lr_at(s, 2.0, 110, 10) for s in range(10)]
+    assert poly_lr_at(10, 2.0, 110, 10, min_lr=1e-4) == pytest.approx(2.0)
+    assert poly_lr_at(109, 2.0, 110, 10, min_lr=1e-4) == pytest.approx(1e-4)
+    # MLPerf's power 2: a quarter of the way down the decay, (3/4)^2 of the span is left
+    quarter = 10 + round(99 / 4)
+    assert poly_lr_at(quarter, 2.0, 110, 10) == pytest.approx(2.0 * (1 - (quarter - 10) / 99) ** 2)
+    assert poly_lr_at(quarter, 2.0, 110, 10, power=1.0) == pytest.approx(2.0 * (1 - (quarter - 10) / 99))
+
+
+def test_a_rebased_poly_schedule_continues_as_a_poly_from_the_rate_it_had():
+    s = LRSchedule(1.0, total_steps=100, warmup_steps=5, min_lr=0.0, kind="poly")
+    rebased = s.continuing(50, 0.3)  # a resume whose settings changed the curve: it goes on from 0.3
+    assert rebased.rebased == (49, 0.3) and rebased(49) == pytest.approx(0.3)
+    assert rebased(60) == pytest.approx(poly_lr_at(11, 0.3, 51, 0))
+    assert s.continuing(50, s(49)) is s  # an unchanged resume keeps the schedule as it was
+
+
+def test_optimizer_steps_count_accumulations_and_the_short_last_one():
+    assert [optimizer_steps(b, 4) for b in (1, 4, 5, 8, 10)] == [1, 1, 2, 2, 3]
+    assert optimizer_steps(10) == 10
+
+
+def test_accumulations_start_at_multiples_of_n_and_the_last_one_takes_what_is_left():
+    assert [accumulation(b, 10, 4) for b in range(10)] == [(0, 4), (1, 4), (2, 4), (3, 4), (0, 4), (1, 4), (2, 4),
+                                                          (3, 4), (0, 2), (1, 2)]
+    assert [accumulation(b, 3) for b in range(3)] == [(0, 1)] * 3
+
+
+def test_the_start_up_line_counts_accumulated_batches_in_the_global_batch():
+    line = describe_lr(0.1, 0.1, batch_size=256, world_size=8, accum_steps=4)
+    assert line.startswith("global batch 8192 (8 process(es) x 256 x 4 accumulated batches)")
+    assert "peak lr 3.2 (--lr_per_256 0.1 x 8192/256)" in line
+
+
+def test_the_linear_scaling_note_is_sgds_only():
+    assert "linear-scaling rule would give" in describe_lr(0.1, None, 256, 64)
+    line = describe_lr(25.0, None, 256, 64, opt="lars", lr_schedule="poly")
+    assert "linear-scaling" not in line and line.endswith("lars with poly decay")
+
 
 def test_resolution_is_start_until_start_epoch_and_end_from_end_epoch():
     sizes = [resolution_at(e, 128, 256, 3, 7) for e in range(10)]

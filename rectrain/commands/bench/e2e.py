@@ -87,10 +87,13 @@ def train_view(data_dir: str, root: str, with_val: bool) -> str:
 def bench_config(cfg: TrainConfig, view: str, root: str, skip: int, steps: int, interval: int) -> TrainConfig:
     """The user's run, confined to this benchmark: one process, a temporary output, stopped after skip + steps.
 
-    Every epoch has at least one step, so ``skip + steps`` epochs always reach ``--max_steps``."""
+    Every epoch has at least one step, so ``skip + steps`` epochs always reach ``--max_steps``. Steps are optimizer
+    steps; with --accum_steps N the log interval (counted in batches) is N x ``interval``, so that each row ends on
+    an optimizer step (but at an epoch's end, after its shorter last accumulation)."""
     total = skip + steps
     return replace(cfg, data_dir=view, output=os.path.join(root, "runs"), run_name="bench_e2e", resume=None,
-                   nproc=1, max_steps=total, epochs=max(cfg.epochs, total), print_freq=interval, progress="off")
+                   nproc=1, max_steps=total, epochs=max(cfg.epochs, total), print_freq=interval * cfg.accum_steps,
+                   progress="off")
 
 
 def run_trainer(cfg: TrainConfig):
@@ -146,7 +149,7 @@ def measure_e2e(cfg: TrainConfig, steps: int, skip: int, interval: int, with_val
         wall = time.perf_counter() - t0
         with open(os.path.join(root, "runs", "bench_e2e", "steps.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    res = timed_intervals(rows, skip, cfg.batch_size)
+    res = timed_intervals(rows, skip, cfg.batch_size * cfg.accum_steps)  # images per optimizer step
     return {"bench": "e2e", "machine": machine(device), **res, "peak_mem_gb": peak_memory_gb(device),
             "warmup_s": trainer.warmup_s, "train_shapes": [f"{b}x{h}x{w}" for b, h, w in trainer.train_shapes],
             "compile_graphs": trainer.warmup_graphs, "compile_decision": trainer.compiling.line,
