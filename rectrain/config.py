@@ -285,6 +285,9 @@ def _check_combinations(cfg: TrainConfig) -> None:
 def check_data_dir(data_dir: str) -> None:
     """UserError unless ``data_dir`` holds a train/ folder, saying what it looks like instead (no torch: it answers
     before anything heavy is imported)."""
+    from rectrain.data.shards import is_shards
+    if is_shards(data_dir):  # tar shards: their layout is checked when they are listed (rectrain.data.shards)
+        return
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir} does not exist; point it at a folder holding "
                         "train/<class>/<images> and val/<class>/<images> (try `rectrain synth --out DIR` for a demo set)")

@@ -30,6 +30,7 @@ from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
 from rectrain.data.scan import SplitScan, data_notes, scan_split
+from rectrain.data.shards import split_exists
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError
 from rectrain.model import count_parameters
@@ -251,10 +252,10 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     device = torch.device(info.device)
     train = _scan(cfg, info, paths, "train", log)
     val = None
-    if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+    if split_exists(cfg.data_dir, "val"):
         val = _scan(cfg, info, paths, "val", log, classes=train.index.classes)
     else:
-        log(f"note: {cfg.data_dir} has no val/ folder: training without validation")
+        log(f"note: {cfg.data_dir} has no val/ folder (or val shards): training without validation")
     for name, s in (("train", train), ("val", val)):
         if s is not None and s.bad:
             _log_unusable(cfg, name, s.bad, log)

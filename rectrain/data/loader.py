@@ -48,6 +48,8 @@ class BucketDataset(torch.utils.data.Dataset):
         self.epoch_shapes = epoch_shapes
         self.transform = transform
         self.seed = seed
+        # Shards: each sample's bytes are read from its shard by offset (one open file per shard per worker).
+        self.reader = None if scan.index.members is None else scan.index.members.reader()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,8 +61,9 @@ class BucketDataset(torch.utils.data.Dataset):
 
     def _load(self, i: int, epoch: int, rng: np.random.Generator) -> np.ndarray:
         h, w = self.shapes_at(epoch)[self.bucket_ids[i]]
-        path = os.path.join(self.split_dir, str(self.paths[i]))
-        return self.transform(path, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]))
+        path = os.path.join(self.split_dir, str(self.paths[i]))  # a shard member's is shard.tar:key
+        src = path if self.reader is None else self.reader.read(i, path)
+        return self.transform(src, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]), name=path)
 
     def __getitem__(self, key):
         i, epoch = key
