@@ -87,6 +87,11 @@ class TrainConfig:
                                       "resize)")
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
+    shard_cache: str | None = _f(DATA, None, "remote tar shards (--data_dir with https://, s3://, gs:// URLs): the "
+                                             "folder their local copies are kept in (default: "
+                                             "~/.cache/rectrain/shards)")
+    shard_cache_gb: float = _f(DATA, 100.0, "remote tar shards: at most this many GB of local copies; each epoch "
+                                            "reads the shards in windows that fit half of it")
     # --- model ---
     arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCH_NAMES))
     width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
@@ -232,7 +237,7 @@ RULES: dict[str, tuple] = {
     "val_crop": (lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.875"),
     "val_target_size": (lambda v: v >= MULTIPLE and v % MULTIPLE == 0, f"a multiple of {MULTIPLE}, at least {MULTIPLE}"),
     "lr_per_256": _POSITIVE, "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9998 (0: off)"),
-    "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY,
+    "ema_every": _AT_LEAST_1, "initial_checkpoint": _NOT_EMPTY, "shard_cache": _NOT_EMPTY, "shard_cache_gb": _POSITIVE,
 }
 
 

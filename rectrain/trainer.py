@@ -29,13 +29,14 @@ from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
-from rectrain.data.scan import SplitScan, data_notes, scan_split
+from rectrain.data.scan import SplitScan, data_notes, load_scan, scan_split
 from rectrain.data.shards import split_exists
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError
 from rectrain.model import count_parameters
 from rectrain.resume import Resume, Start
-from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, is_collective_timeout,
+from rectrain.runtime.distributed import (DistInfo, StopFlag, all_reduce_sum, average_buffers, broadcast_object,
+                                          is_collective_timeout,
                                           launch, launch_mode, on_primary, preempted_exit_code, resolve_device)
 from rectrain.runtime.io import write_json_atomic
 from rectrain.runtime.lock import RunLock
@@ -284,10 +285,33 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
 
 
 def _scan(cfg: TrainConfig, info: DistInfo, paths: RunPaths, split: str, log, classes=None) -> SplitScan:
-    """Rank 0 scans (and writes the cache) first, telling the others if it failed; they then read the cache."""
-    kw = dict(classes=classes, cache_dir=paths.run_dir, workers=None, progress=info.is_primary)
+    """Rank 0 scans (and writes the cache; for shards: reads or builds their index) first, telling the others if it
+    failed. The others then load the file rank 0 names, by its path and fingerprint: they neither list nor stat the
+    dataset (at 64 ranks and ImageNet's 1.28 million files, listing it everywhere was 82 million metadata calls on
+    the shared filesystem: docs/benchmarks.md). Where that file is not readable (no writable place for it, or a
+    node-local cache folder on another node), a rank scans for itself as before."""
+    cache = shard_cache_of(cfg)
+    kw = dict(classes=classes, cache_dir=paths.run_dir, workers=None, progress=info.is_primary, shard_cache=cache)
     scan = on_primary(lambda: scan_split(cfg.data_dir, split, **kw), f"scanning {split}/", log)
-    return scan if scan is not None else scan_split(cfg.data_dir, split, **kw)
+    where = broadcast_object((scan.cache_path, scan.fingerprint) if scan is not None else None)
+    if scan is not None:
+        return scan
+    if where[0]:
+        loaded = load_scan(*where, cfg.data_dir, split, classes, cache)
+        if loaded is not None:
+            log(f"{split}: read rank 0's {'index' if loaded.index.members is not None else 'scan'} {where[0]} "
+                f"({loaded.seconds:.2f} s, without listing the data)")
+            return loaded
+    return scan_split(cfg.data_dir, split, **kw)
+
+
+def shard_cache_of(cfg: TrainConfig):
+    """The local cache of remote shards (--shard_cache, --shard_cache_gb), or None when the data is local."""
+    from rectrain.data.shards import is_remote
+    if not is_remote(cfg.data_dir):
+        return None
+    from rectrain.data.shard_cache import ShardCache
+    return ShardCache(cfg.shard_cache, cfg.shard_cache_gb)
 
 
 def _log_unusable(cfg: TrainConfig, split: str, bad: list[tuple[str, str]], log, shown: int = 20) -> None:

@@ -43,7 +43,7 @@ from rectrain.errors import UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
 
 __all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "TINY_SIDE", "BadImage", "SplitScan", "CacheStatus", "data_notes",
-           "read_size", "read_size_bytes", "scan_split", "cache_status", "cache_name"]
+           "read_size", "read_size_bytes", "scan_split", "load_scan", "cache_status", "cache_name"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
 FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
@@ -356,6 +356,31 @@ def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, c
     scan.cache_path = _save_cache(candidates, fp, scan, usable)
     scan.seconds = time.perf_counter() - t0
     return scan
+
+
+def load_scan(path: str, fp: str, data_dir: str, split: str, classes: list[str] | None = None,
+              shard_cache=None) -> SplitScan | None:
+    """The scan that another process (rank 0) wrote to the cache file ``path`` with fingerprint ``fp``, read without
+    listing or stat'ing the dataset; None when the file is not (or no longer) that one. Its ``skipped`` counts are
+    not stored: rank 0 reports them."""
+    from rectrain.data.shards import is_shards
+    if is_shards(data_dir):
+        from rectrain.data.shard_index import load_index_scan
+        return load_index_scan(path, fp, data_dir, split, shard_cache, classes)
+    t0 = time.perf_counter()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != FORMAT_VERSION or str(z["fingerprint"]) != fp:
+                return None
+            paths = np.char.decode(z["paths"], "utf-8", "surrogateescape") if len(z["paths"]) else \
+                np.array([], dtype=str)
+            index = ImageIndex(os.path.abspath(os.path.join(data_dir, split)), z["classes"].tolist(), paths,
+                               z["labels"].astype(np.int64))
+            sizes = z["sizes"].astype(np.int32).reshape(-1, 2)
+            bad = list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist()))
+    except Exception:  # gone, unreadable here (another node's cache folder), truncated: the caller scans
+        return None
+    return SplitScan(index, sizes, bad, path, True, time.perf_counter() - t0, fingerprint=fp)
 
 
 @dataclass

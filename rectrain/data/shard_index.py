@@ -43,7 +43,7 @@ from rectrain.errors import DataMistake, UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
 
 __all__ = ["INDEX_VERSION", "ShardRows", "index_shard", "shipped_name", "build_index", "write_index", "read_index",
-           "scan_shards"]
+           "scan_shards", "index_fingerprint", "load_index_scan", "index_status"]
 
 INDEX_VERSION = 1  # of the index file; bump when its contents or the indexing rules change
 _TAR_BLOCK = 512
@@ -111,17 +111,16 @@ def index_shard(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardRows:
         for m in tar:
             if not m.isfile():
                 continue
-            if m.offset_data + m.size > total:
-                cut = f"member {m.name} runs past the end of the file ({total:,} bytes)"
-                break
-            parts = split_key(m.name)
-            if parts is None:
-                continue  # a name without an extension belongs to no sample
-            if parts[0] != key:
+            parts = split_key(m.name)  # None: a name without an extension belongs to no sample
+            if parts is not None and parts[0] != key:
                 if key is not None:
                     _sample(rows, f.fileno(), key, members, max_pixels)
                 key, members = parts[0], {}
-            members.setdefault(parts[1], m)
+            if m.offset_data + m.size > total:
+                cut = f"member {m.name} runs past the end of the file ({total:,} bytes)"
+                break
+            if parts is not None:
+                members.setdefault(parts[1], m)
         if key is not None and cut is None:
             _sample(rows, f.fileno(), key, members, max_pixels)
         elif key is not None:
@@ -226,6 +225,36 @@ def _mismatch(z: dict, names: list[str], sizes: np.ndarray, mtimes: np.ndarray, 
     return None
 
 
+def index_fingerprint(z: dict) -> str:
+    """What identifies an index file's contents for another rank: the shards it describes, as it describes them."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"rectrain-shards v{INDEX_VERSION} {int(z['max_pixels'])}\n".encode())
+    h.update("\n".join(z["shard_names"].tolist()).encode("utf-8", "surrogateescape"))
+    h.update(np.asarray(z["shard_bytes"], np.int64).tobytes() + np.asarray(z["shard_mtime_ns"], np.int64).tobytes())
+    h.update(np.asarray(z["nbytes"], np.int64).tobytes())
+    return h.hexdigest()
+
+
+def load_index_scan(path: str, fp: str, data_dir: str, split: str, shard_cache=None,
+                    classes: list[str] | None = None) -> SplitScan | None:
+    """The split's scan from the index file rank 0 validated (``path``, ``index_fingerprint`` ``fp``): lists the
+    shard folder (or expands the pattern) but stats no shard; None when the file is not that one."""
+    t0 = time.perf_counter()
+    z = read_index(path)
+    if z is None or index_fingerprint(z) != fp:
+        return None
+    layout = shard_layout(data_dir)
+    locations = layout.shards(split)
+    if z["shard_names"].tolist() != _names(layout, locations):
+        return None
+    if layout.remote and shard_cache is None:
+        from rectrain.data.shard_cache import ShardCache
+        shard_cache = ShardCache()
+    scan = _to_scan(z, layout, locations, _names(layout, locations), split, classes, shard_cache)
+    scan.cache_path, scan.from_cache, scan.seconds, scan.fingerprint = path, True, time.perf_counter() - t0, fp
+    return scan
+
+
 # -- the split ------------------------------------------------------------------------------------------------
 def _names(layout: ShardLayout, locations: list[str]) -> list[str]:
     """Shard names relative to the layout's root, for messages and the index (``train-0000.tar``)."""
@@ -295,17 +324,19 @@ def scan_shards(data_dir: str, split: str, classes: list[str] | None = None, *, 
     if z is None:
         z = build_index(locations, names, max_pixels, workers, progress, shard_cache, f"indexing {split} shards")
         sizes = np.where(sizes < 0, z["shard_total"], sizes)  # remote shards: the sizes downloaded
-        z.update(shard_bytes=sizes, shard_mtime_ns=mtimes)
+        z.update(shard_bytes=sizes, shard_mtime_ns=mtimes, shard_names=np.array(names, dtype=str),
+                 max_pixels=np.int64(max_pixels))
         for p in _writable_place(candidates, layout.remote):
             try:
-                write_index(p, {k: v for k, v in z.items() if not k.startswith("shard_")} | {"shard_total": sizes},
-                            names, sizes, mtimes, max_pixels)
+                arrays = {k: v for k, v in z.items() if not k.startswith("shard_") and k != "max_pixels"}
+                write_index(p, arrays | {"shard_total": sizes}, names, sizes, mtimes, max_pixels)
                 path = p
                 break
             except OSError:
                 continue
     scan = _to_scan(z, layout, locations, names, split, classes, shard_cache)
     scan.cache_path, scan.from_cache, scan.notes = path, from_cache, notes + scan.notes
+    scan.fingerprint = index_fingerprint(z)
     scan.seconds = time.perf_counter() - t0
     return scan
 
@@ -337,3 +368,24 @@ def _to_scan(z: dict, layout: ShardLayout, locations: list[str], names: list[str
         first = f" (first: {bad[0][0]}: {bad[0][1]})" if bad else ""
         raise DataMistake(f"the {split} shards of {layout.source} hold no usable sample{first}; check the shards")
     return SplitScan(index, z["sizes"].astype(np.int32).reshape(-1, 2)[ok], bad, None, True, 0.0, notes=notes)
+
+
+def index_status(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``rectrain.data.scan.cache_status`` for shards: would a run find a fresh index? Reads no shard (stats local
+    ones) and writes nothing; a remote dataset's shipped index is not fetched (only the local copies count).
+    ``files`` is the number of shards."""
+    from rectrain.data.scan import CacheStatus
+    layout = shard_layout(data_dir)
+    locations = layout.shards(split)
+    names = _names(layout, locations)
+    sizes, mtimes = _stats(locations)
+    stale = None
+    for p, _ in _candidates(layout, split, cache_dir, None):
+        found = read_index(p)
+        if found is None:
+            continue
+        if _mismatch(found, names, sizes, mtimes, max_pixels) is None:
+            return CacheStatus(p, True, len(locations), _to_scan(found, layout, locations, names, split, classes, None))
+        stale = stale or p
+    return CacheStatus(stale, False, len(locations), None)

@@ -76,8 +76,9 @@ def test_keys_are_unique_and_dot_free_and_patterns_expand_like_the_shell():
 # -- training ---------------------------------------------------------------------------------------------------
 def _batches(data_dir, epoch, workers=2):
     train = scan_split(data_dir, "train")
-    loaders = build_loaders(train, None, make_buckets(32, max_ratio=1.5),
-                            LoaderSettings(batch_size=8, workers=workers, seed=7))
+    buckets = make_buckets(64, max_ratio=1.5)
+    progressive = [buckets.scaled(32), buckets.scaled(64)]  # --res_schedule 32:64:0:1
+    loaders = build_loaders(train, None, buckets, LoaderSettings(batch_size=8, workers=workers, seed=7), progressive)
     try:
         return [(x.clone(), y.clone()) for x, y, _ in loaders.epochs(epoch, 0, epoch + 1)]
     finally:
@@ -86,9 +87,9 @@ def _batches(data_dir, epoch, workers=2):
 
 def test_the_loader_gives_the_folders_batches_from_its_shards(folder, shards):
     """Same images in the same order, with the same crops: sample i of the shards is image i of the folder."""
-    for epoch in (0, 3):
+    for epoch, side in ((0, 32), (3, 64)):  # progressive resolution: 32 px first, 64 px later
         a, b = _batches(folder, epoch), _batches(shards, epoch)
-        assert len(a) == len(b) == 6
+        assert len(a) == len(b) == 6 and min(a[0][0].shape[1:3]) == side
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
@@ -160,3 +161,156 @@ def test_prepare_refuses_to_resume_with_other_settings(folder, shards, tmp_path)
     shutil.copytree(shards, out)
     with pytest.raises(UserError, match="--shard_size 20000"):
         prepare_shards(folder, str(out), "1MB", workers=0)
+
+
+# -- damage ------------------------------------------------------------------------------------------------------
+def _copy(shards, tmp_path) -> str:
+    out = str(tmp_path / "copy")
+    shutil.copytree(shards, out)
+    return out
+
+
+def _member_offset(path, name):
+    with tarfile.open(path) as t:
+        m = t.getmember(name)
+        return m.offset_data, m.size
+
+
+def test_a_corrupt_member_is_named_shard_key_and_replaced_in_its_batch(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    shard = os.path.join(data, "train-000000.tar")
+    offset, size = _member_offset(shard, "class_000/class_000_00001.jpg")
+    with open(shard, "r+b") as f:  # garbage after the JPEG header: same size, so the shipped index still applies
+        f.seek(offset + 200)
+        f.write(b"\x00" * (size - 200))
+    scan = scan_split(data, "train")
+    assert scan.from_cache and len(scan.index) == 48
+    loaders = build_loaders(scan, None, make_buckets(32, max_ratio=1.5), LoaderSettings(batch_size=8, workers=2))
+    try:
+        batches = list(loaders.epochs(0, 0, 1))
+        planned = [len(b) for b in loaders.train_sampler.rank_batches(0)]
+    finally:
+        loaders.close()
+    failed = [f for _, _, fs in batches for f in fs]
+    assert len(failed) == 1 and f"{data}/train-000000.tar:class_000/class_000_00001" in failed[0]
+    assert "cannot decode" in failed[0] and [x.shape[0] for x, _, _ in batches] == planned  # batches keep their size
+
+
+def test_a_truncated_shard_is_indexed_again_keeping_the_samples_before_the_cut(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    shard = os.path.join(data, "train-000001.tar")
+    offset, _ = _member_offset(shard, "class_000/class_000_00007.jpg")
+    os.truncate(shard, offset + 100)  # cut inside the third sample of the shard
+    scan = scan_split(data, "train")
+    assert not scan.from_cache and any("no longer matches its shards (train-000001.tar has" in n for n in scan.notes)
+    bad = dict(scan.bad)
+    assert "truncated or damaged" in bad["train-000001.tar"] and "its 3 samples before that are used" in \
+        bad["train-000001.tar"]
+    names = scan.index.paths.tolist()
+    assert "train-000001.tar:class_000/class_000_00006" in names
+    assert "train-000001.tar:class_000/class_000_00007" not in names
+    assert bad["train-000001.tar:class_000/class_000_00007"] == "cut short with its shard"
+    again = scan_split(data, "train")  # the new index was written where the shipped one was
+    assert again.from_cache and again.index.paths.tolist() == names
+
+
+def test_a_changed_shard_is_indexed_again_by_itself(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    for split in ("train", "val"):
+        os.remove(os.path.join(data, f"{split}.index.npz"))  # no shipped index: times count
+    first = scan_split(data, "train")
+    assert not first.from_cache and scan_split(data, "train").from_cache
+    a, b = os.path.join(data, "train-000000.tar"), os.path.join(data, "train-000002.tar")
+    shutil.copyfile(b, a)  # another shard's samples under this name, same size, a new time
+    again = scan_split(data, "train")
+    assert not again.from_cache and any("train-000000.tar was modified since it was indexed" in n
+                                        for n in again.notes)
+    moved = [p.split(":", 1)[1] for p in first.index.paths.tolist() if p.startswith("train-000002.tar:")]
+    assert [p for p in again.index.paths.tolist() if p.startswith("train-000000.tar:")] == \
+        [f"train-000000.tar:{k}" for k in moved]
+
+
+def test_a_shard_listed_but_missing_is_one_clear_line(shards, tmp_path, capsys):
+    from rectrain.cli import main
+    pattern = os.path.join(shards, "{train-{000000..000019},val-{000000..000001}}.tar")  # train has 11
+    code = main(["scan", "--data_dir", pattern, "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "train-000011.tar is listed by --data_dir" in err
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"{shards}/train-000000.tar\n{shards}/train-000099.tar\n")
+    assert main(["scan", "--data_dir", str(listing), "--workers", "0"]) == 2
+    assert "train-000099.tar is listed by --data_dir" in capsys.readouterr().err
+
+
+# -- commands and paths -------------------------------------------------------------------------------------------
+def test_scan_check_and_eval_take_shards(shards, tmp_path, capsys):
+    from rectrain.checklist import run_checks
+    from rectrain.cli import main
+    assert main(["scan", "--data_dir", shards, "--workers", "0", "--target_size", "32", "--batch_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"index: {shards}/train.index.npz (read from index)" in out and "images: 48 usable in 3 classes" in out
+    cfg = resolve_config(["--data_dir", shards, "--output", str(tmp_path), *TINY])
+    items = {i.name: i for i in run_checks(cfg, loader_probe=True)}
+    assert items["train data"].status == "pass" and "11 shards" in items["train data"].message
+    assert "48 images in 3 classes" in items["train data"].message
+    assert items["val data"].status == "pass" and items["loader"].status == "pass"
+    os.remove(os.path.join(shards, "val.index.npz"))
+    try:
+        items = {i.name: i for i in run_checks(cfg, loader_probe=False)}
+        assert items["val data"].status == "warn" and "not indexed yet" in items["val data"].message
+    finally:
+        scan_split(shards, "val", ["class_000", "class_001", "class_002"])  # written again (not shipped now)
+
+
+def test_the_gpu_path_reads_shard_bytes_and_matches_the_cpu_loader(folder, shards):
+    from rectrain.data import gpu_decode as gd
+    train = scan_split(shards, "train")
+    settings = LoaderSettings(batch_size=8, workers=2, seed=3, decoder="pil")
+    gpu = build_loaders(train, None, make_buckets(32, max_ratio=1.5), LoaderSettings(**{**settings.__dict__,
+                                                                                         "decode": "gpu"}))
+    cpu = build_loaders(scan_split(folder, "train"), None, make_buckets(32, max_ratio=1.5), settings)
+    decoder = gd.GpuBatchDecoder("cpu", decode_fn=gd.pil_decode, cpu_decoder="pil")
+    seen = 0
+    try:
+        for (x, y, failed), (ref, ref_y, _) in zip(gd.decoded(gpu.epochs(1, 0, 2), decoder), cpu.epochs(1, 0, 2)):
+            assert torch.equal(y, ref_y) and failed == []
+            assert (x.long() - ref.long()).abs().float().mean() <= 2.0
+            seen += len(y)
+    finally:
+        gpu.close()
+        cpu.close()
+    assert seen > 40 and decoder.gpu_images == seen and not decoder.counts  # every one decoded from its bytes
+
+
+def test_two_processes_under_gloo_train_identical_replicas_and_rank_1_reads_rank_0s_index(shards, tmp_path):
+    from tests.test_train import free_port
+    assert _train(shards, tmp_path, "ddp", "--nproc", "2", "--dist_port", free_port(), "--workers", "1") == 0
+    logs = [(tmp_path / f"ddp/logs/rank{r}.log").read_text() for r in (0, 1)]
+    digests = [re.findall(r"final weights sha1 (\w+)", log) for log in logs]
+    assert digests[0] and digests[0] == digests[1]
+    assert f"train: read rank 0's index {shards}/train.index.npz" in logs[1]
+    assert f"val: read rank 0's index {shards}/val.index.npz" in logs[1]
+
+
+def test_another_rank_loads_the_folder_scan_without_listing_it(folder, monkeypatch):
+    from rectrain.data.scan import load_scan
+    ref = scan_split(folder, "train")
+    touched, real_scandir, real_stat = [], os.scandir, os.stat
+
+    def scandir(path="."):
+        touched.append(os.path.relpath(path, folder))
+        return real_scandir(path)
+
+    def stat(path, *a, **k):
+        touched.append(os.path.relpath(path, folder))
+        return real_stat(path, *a, **k)
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+    got = load_scan(ref.cache_path, ref.fingerprint, folder, "train")
+    monkeypatch.undo()
+    # Only the top folders (are there *.tar shards?) and the cache file itself: no class folder, no image.
+    assert set(touched) <= {".", "train", "val", os.path.relpath(ref.cache_path, folder)}, touched
+    assert got.index.paths.tolist() == ref.index.paths.tolist() and got.index.classes == ref.index.classes
+    np.testing.assert_array_equal(got.sizes, ref.sizes)
+    np.testing.assert_array_equal(got.index.labels, ref.index.labels)
+    assert load_scan(ref.cache_path, "0" * 32, folder, "train") is None  # not the file rank 0 validated
