@@ -213,7 +213,9 @@ def shard_layout(data_dir: str) -> ShardLayout:
             locations, kind = sorted(glob.glob(os.path.join(folder, "*.tar"))), "folder"
     if not locations:
         raise DataMistake(f"--data_dir {data_dir} names no shards")
-    missing = [loc for loc in locations if not is_remote(loc) and not os.path.isfile(_local(loc))]
+    # Named by a pattern or a list: each must exist (one stat per shard; a folder's listing found them already).
+    missing = [] if kind == "folder" else [loc for loc in locations
+                                           if not is_remote(loc) and not os.path.isfile(_local(loc))]
     if missing:
         raise DataMistake(f"shard {missing[0]} is listed by --data_dir {data_dir} but does not exist"
                           f"{f' ({len(missing) - 1} more missing)' if len(missing) > 1 else ''}; fix the "
