@@ -314,3 +314,54 @@ def test_another_rank_loads_the_folder_scan_without_listing_it(folder, monkeypat
     np.testing.assert_array_equal(got.sizes, ref.sizes)
     np.testing.assert_array_equal(got.index.labels, ref.index.labels)
     assert load_scan(ref.cache_path, "0" * 32, folder, "train") is None  # not the file rank 0 validated
+
+
+# -- parquet ------------------------------------------------------------------------------------------------------
+def _hub_parquet(folder, path, split, rows, labels_too=True):
+    """A parquet file of the ILSVRC/imagenet-1k layout: image {bytes, path}, label; class names in the metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image = pa.array([{"bytes": open(os.path.join(folder, split, r), "rb").read(), "path": os.path.basename(r)}
+                      for r, _ in rows], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    label = pa.array([lab if labels_too else None for _, lab in rows], type=pa.int64())
+    meta = {"info": {"features": {"image": {"_type": "Image"},
+                                  "label": {"names": ["cat", "dog", "fox"], "_type": "ClassLabel"}}}}
+    table = pa.table({"image": image, "label": label}).replace_schema_metadata({"huggingface": json.dumps(meta)})
+    pq.write_table(table, path, row_group_size=10)
+
+
+def test_hub_parquet_files_become_shards_with_their_labels_and_class_names(folder, tmp_path, monkeypatch):
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    src = {s: scan_split(folder, s, ["class_000", "class_001", "class_002"]).index for s in ("train", "val")}
+    rows = {s: list(zip(ix.paths.tolist(), ix.labels.tolist())) for s, ix in src.items()}
+    _hub_parquet(folder, hub / "train-00000-of-00002.parquet", "train", rows["train"][:25])
+    _hub_parquet(folder, hub / "train-00001-of-00002.parquet", "train", rows["train"][25:])
+    _hub_parquet(folder, hub / "validation-00000-of-00001.parquet", "val", rows["val"])
+    _hub_parquet(folder, hub / "test-00000-of-00001.parquet", "val", rows["val"], labels_too=False)
+    out = tmp_path / "out"
+    real, closed = ps._ShardWriter.close, []
+
+    def close_then_die(self, position):  # killed after the third shard: the rerun starts inside a row group
+        real(self, position)
+        closed.append(position)
+        if len(closed) == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ps._ShardWriter, "close", close_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(str(tmp_path / "hub"), str(out), "30KB", workers=0)
+    monkeypatch.setattr(ps._ShardWriter, "close", real)
+    assert prepare_shards(str(tmp_path / "hub"), str(out), "30KB", workers=2)["existing"] > 0
+    for split in ("train", "val"):
+        got = scan_split(str(out), split, None if split == "train" else ["cat", "dog", "fox"])
+        assert got.index.classes == ["cat", "dog", "fox"] and len(got.index) == len(rows[split])
+        np.testing.assert_array_equal(got.index.labels, [lab for _, lab in rows[split]])
+        reader = got.index.members.reader()
+        for i, (rel, _) in enumerate(rows[split]):
+            assert reader.read(i) == open(os.path.join(folder, split, rel), "rb").read()
+            assert got.index.paths[i].endswith("_" + os.path.basename(rel).replace(".", "_"))
+    assert not any(n.startswith("test") for n in os.listdir(out))  # the test split has no labels: not written
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    from rectrain.errors import UserError
+    with pytest.raises(UserError, match="pip install pyarrow"):
+        prepare_shards(str(tmp_path / "hub"), str(tmp_path / "again"), "30KB", workers=0)
