@@ -276,6 +276,13 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     settings = cfg.slice(LoaderSettings, workers=workers, decode=decode, pin_memory=device.type == "cuda",
                          rank=info.rank, world_size=info.world_size)
     loaders = build_loaders(train, val, plan.buckets, settings, plan.epoch_shapes, plan.val_buckets)
+    windows = getattr(loaders.train_sampler, "windows", None)
+    if windows is not None and info.is_primary:
+        cache = train.index.members.cache
+        log(f"note: remote shards: their {train.index.members.shard_bytes.sum() / 1e9:.3g} GB do not fit the "
+            f"{cache.max_bytes / 1e9:g} GB --shard_cache_gb, so each epoch reads them in {len(windows)} windows "
+            "of shards, each half the cache, in a new order; an image shares batches only with its own window's "
+            f"(cache: {cache.folder})")
     gpu_decoder = GpuBatchDecoder(device, cpu_decoder=cfg.decoder, log=log) if decode == "gpu" else None
     data = RunData(train.index.classes, plan, loaders, gpu_decoder)
     log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "

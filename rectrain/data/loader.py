@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from rectrain.data.buckets import BucketTable
-from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler
+from rectrain.data.samplers import (AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler,
+                                    WindowedBatchSampler, shard_windows)
 from rectrain.data.scan import SplitScan
 from rectrain.data.transforms import DecodeError, RectangularCropTfm
 from rectrain.data.workers import ignore_stop_signals, shut_down, start_workers, track
@@ -159,7 +160,7 @@ class LoaderSettings:
 class Loaders:
     train: torch.utils.data.DataLoader      # one epoch per iter() unless ``epochs`` chose a range
     val: torch.utils.data.DataLoader | None
-    train_sampler: DistributedBatchSampler
+    train_sampler: DistributedBatchSampler  # or WindowedBatchSampler (remote shards, bounded cache)
     train_set: BucketDataset
     val_set: BucketDataset | None
     stream: EpochStream
@@ -188,8 +189,10 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(s.crop_scale), hflip=s.hflip, crop=s.train_crop,
                                                decoder=s.decoder), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
-    base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
-    sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank)
+    sampler = _windowed(train_scan, train_set.bucket_ids, s)
+    if sampler is None:
+        base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
+        sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank)
     if len(sampler) == 0:
         raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {s.batch_size} "
                         f"for {s.world_size} process(es); lower --batch_size or add images")
@@ -199,6 +202,18 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, val_buckets or buckets, s)
     return Loaders(train, val, sampler, train_set, val_set, stream)
+
+
+def _windowed(scan: SplitScan, bucket_ids: np.ndarray, s: LoaderSettings) -> WindowedBatchSampler | None:
+    """Remote shards whose copies do not all fit the cache: batches drawn one window of shards at a time, a window
+    being half the cache (``WindowedBatchSampler``); None otherwise."""
+    members = scan.index.members
+    cache = getattr(members, "cache", None)
+    if cache is None or members.shard_bytes is None or int(members.shard_bytes.sum()) <= cache.max_bytes:
+        return None
+    windows = shard_windows(members.shard, members.shard_bytes, cache.max_bytes // 2, s.seed)
+    return WindowedBatchSampler(bucket_ids, windows, s.batch_size, seed=s.seed, num_replicas=s.world_size,
+                                rank=s.rank)
 
 
 def _for_decode(tfm: RectangularCropTfm, decode: str):

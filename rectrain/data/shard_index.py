@@ -162,6 +162,7 @@ def build_index(locations: list[str], names: list[str], max_pixels: int = DEFAUL
                mininterval=0.5)
     keys, shard, offsets, nbytes, sizes, labels, bad = [], [], [], [], [], [], []
     totals = np.zeros(len(locations), np.int64)
+    from rectrain.data.shard_cache import ShardFetchError
     try:
         with process_pool(workers, len(locations)) as pool:
             tasks = [(loc, max_pixels, cache) for loc in locations]
@@ -176,6 +177,8 @@ def build_index(locations: list[str], names: list[str], max_pixels: int = DEFAUL
                 totals[s] = rows.total
                 bar.update(1)
                 bar.set_postfix(samples=len(keys), refresh=False)
+    except ShardFetchError as e:  # a remote shard that stays unreachable: one line naming its URL
+        raise UserError(str(e)) from None
     finally:
         bar.close()
     return dict(keys=np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes).reshape(-1),
