@@ -65,6 +65,19 @@ def test_a_shard_is_a_plain_tar_with_webdatasets_keys(shards):
         assert t.extractfile(listing[1]).read() == b"0"
 
 
+def test_webdataset_reads_the_shards_as_the_index_does(shards):
+    """The webdataset package (its own tar reader and key rules) sees our samples, in our order, with our labels."""
+    import webdataset as wds
+    scan = scan_split(shards, "train")
+    locations = sorted(shard_layout(shards).splits["train"])
+    reader = scan.index.members.reader()
+    got = list(wds.WebDataset(locations, shardshuffle=False, empty_check=False))
+    assert len(got) == len(scan.index)
+    for i, sample in enumerate(got):
+        assert sample["__key__"] == scan.index.paths[i].split(":", 1)[1]
+        assert int(sample["cls"]) == scan.index.labels[i] and sample["jpg"] == reader.read(i)
+
+
 def test_keys_are_unique_and_dot_free_and_patterns_expand_like_the_shell():
     assert folder_keys(["a/x.jpg", "a/x.png", "a/y.z.jpg", "b/x.jpg"]) == ["a/x", "a/x_1", "a/y_z", "b/x"]
     assert expand_braces("s-{00..02}.tar") == ["s-00.tar", "s-01.tar", "s-02.tar"]
@@ -365,3 +378,34 @@ def test_hub_parquet_files_become_shards_with_their_labels_and_class_names(folde
     from rectrain.errors import UserError
     with pytest.raises(UserError, match="pip install pyarrow"):
         prepare_shards(str(tmp_path / "hub"), str(tmp_path / "again"), "30KB", workers=0)
+
+
+def test_data_dir_names_shards_by_folder_name_pattern_or_list(tmp_path):
+    from rectrain.errors import UserError
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in ("imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar", "imagenet1k-validation-00.tar"):
+        (flat / n).write_bytes(b"")
+    layout = shard_layout(str(flat))
+    assert [os.path.basename(p) for p in layout.splits["train"]] == ["imagenet1k-train-0000.tar",
+                                                                     "imagenet1k-train-0001.tar"]
+    assert [os.path.basename(p) for p in layout.splits["val"]] == ["imagenet1k-validation-00.tar"]
+    nested = tmp_path / "nested"
+    for split in ("train", "val"):
+        (nested / split).mkdir(parents=True)
+        (nested / split / "part-0.tar").write_bytes(b"")
+    assert shard_layout(str(nested)).splits["val"] == [str(nested / "val" / "part-0.tar")]
+    (tmp_path / "list.txt").write_text("# shards\nflat/imagenet1k-train-0001.tar\n")
+    assert shard_layout(str(tmp_path / "list.txt")).splits["train"] == [str(flat / "imagenet1k-train-0001.tar")]
+    pattern = shard_layout(str(flat / "imagenet1k-train-{0000..0001}.tar"))
+    assert len(pattern.splits["train"]) == 2 and pattern.splits["val"] == []
+    (flat / "extra-0.tar").write_bytes(b"")
+    with pytest.raises(UserError, match="says neither train nor val"):
+        shard_layout(str(flat))
+    with pytest.raises(UserError, match="a remote folder cannot be listed"):
+        shard_layout("https://example.com/in1k/")
+    os.remove(flat / "extra-0.tar")
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "shard-0.tar").write_bytes(b"")
+    assert shard_layout(str(only)).splits == {"train": [str(only / "shard-0.tar")], "val": []}  # no names: all train
