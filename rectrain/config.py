@@ -90,8 +90,9 @@ class TrainConfig:
     shard_cache: str | None = _f(DATA, None, "remote tar shards (--data_dir with https://, s3://, gs:// URLs): the "
                                              "folder their local copies are kept in (default: "
                                              "~/.cache/rectrain/shards)")
-    shard_cache_gb: float = _f(DATA, 100.0, "remote tar shards: at most this many GB of local copies; each epoch "
-                                            "reads the shards in windows that fit half of it")
+    shard_cache_gb: float = _f(DATA, 100.0, "remote tar shards: at most this many GB of local copies; when the train "
+                                            "shards do not fit beside the val shards, each epoch reads them in "
+                                            "windows of half the rest")
     # --- model ---
     arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCH_NAMES))
     width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")

@@ -189,7 +189,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(s.crop_scale), hflip=s.hflip, crop=s.train_crop,
                                                decoder=s.decoder), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
-    sampler = _windowed(train_scan, train_set.bucket_ids, s)
+    sampler = _windowed(train_scan, val_scan, train_set.bucket_ids, s)
     if sampler is None:
         base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
         sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank)
@@ -204,14 +204,28 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     return Loaders(train, val, sampler, train_set, val_set, stream)
 
 
-def _windowed(scan: SplitScan, bucket_ids: np.ndarray, s: LoaderSettings) -> WindowedBatchSampler | None:
-    """Remote shards whose copies do not all fit the cache: batches drawn one window of shards at a time, a window
-    being half the cache (``WindowedBatchSampler``); None otherwise."""
+def _windowed(scan: SplitScan, val_scan: SplitScan | None, bucket_ids: np.ndarray,
+              s: LoaderSettings) -> WindowedBatchSampler | None:
+    """Remote shards whose copies do not all fit the cache: batches drawn one window of shards at a time
+    (``WindowedBatchSampler``), a window being half of what the val shards leave of the cache (validation reads
+    every val shard each time); None otherwise."""
     members = scan.index.members
     cache = getattr(members, "cache", None)
-    if cache is None or members.shard_bytes is None or int(members.shard_bytes.sum()) <= cache.max_bytes:
+    if cache is None or members.shard_bytes is None:
         return None
-    windows = shard_windows(members.shard, members.shard_bytes, cache.max_bytes // 2, s.seed)
+    val = val_scan.index.members if val_scan is not None else None
+    reserved = int(val.shard_bytes.sum()) if val is not None and val.cache is not None and val.shard_bytes is not None \
+        else 0
+    if int(members.shard_bytes.sum()) + reserved <= cache.max_bytes:
+        return None
+    budget = (cache.max_bytes - reserved) // 2
+    largest = int(members.shard_bytes.max())
+    if budget < largest:
+        raise UserError(f"--shard_cache_gb {cache.max_bytes / 1e9:g} is too small for these remote shards: the val "
+                        f"shards take {reserved / 1e9:.3g} GB of it and a window of train shards needs twice the "
+                        f"largest one ({largest / 1e9:.3g} GB); raise it to at least "
+                        f"{(reserved + 2 * largest) / 1e9:.3g} (ten times that keeps batches well mixed)")
+    windows = shard_windows(members.shard, members.shard_bytes, budget, s.seed)
     return WindowedBatchSampler(bucket_ids, windows, s.batch_size, seed=s.seed, num_replicas=s.world_size,
                                 rank=s.rank)
 

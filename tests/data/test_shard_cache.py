@@ -127,8 +127,16 @@ def test_a_run_trains_from_urls_through_its_shard_cache_and_says_how_it_windows(
     total = sum(os.path.getsize(os.path.join(served["local"], f"train-{k:06d}.tar")) for k in range(11))
     cfg = resolve_config(["--data_dir", _pattern(served["url"]), "--output", str(tmp_path), "--run_name", "r", *TINY,
                           "--max_steps", "2", "--shard_cache", str(tmp_path / "cache"),
-                          "--shard_cache_gb", str(total / 2 / 1e9)])
+                          "--shard_cache_gb", str(total * 0.8 / 1e9)])  # the val shards take a third of it
     assert train_mod.train(cfg) == 0
     log = (tmp_path / "r/logs/rank0.log").read_text()
     assert "do not fit the" in log and "windows of shards" in log and "top-1" in log
     assert any(n.endswith("train-000000.tar") or n.endswith(".tar") for n in os.listdir(tmp_path / "cache"))
+
+
+def test_a_cache_too_small_for_a_window_is_one_clear_line(served, tmp_path):
+    cache = ShardCache(str(tmp_path / "cache"), max_gb=40e3 / 1e9)  # 40 kB: the val shards alone take more
+    train = scan_split(_pattern(served["url"]), "train", shard_cache=cache)
+    val = scan_split(_pattern(served["url"]), "val", train.index.classes, shard_cache=cache)
+    with pytest.raises(UserError, match=r"--shard_cache_gb 4e-05 is too small .* raise it to at least"):
+        build_loaders(train, val, make_buckets(32), LoaderSettings(batch_size=8))
