@@ -272,6 +272,9 @@ def check_shard_split(state: _State, split: str) -> Item:
     size = sum(os.path.getsize(s) for s in shards if not is_remote(s))
     where = f"{len(shards):,} shards" + (f", {_gib(size)}" if size else " (remote)")
     details = {"shards": len(shards), "bytes": size, "index": st.path, "fresh": st.fresh}
+    if not st.fresh and layout.remote:
+        return Item(name, "warn", f"{where}: the run fetches the index shipped beside them ({split}.index.npz) if "
+                    "there is one, else downloads every shard once to index it", None, details)
     if not st.fresh:
         what = f"its index {st.path} no longer matches them" if st.path else "not indexed yet"
         return Item(name, "warn", f"{where}; {what}: the run's start reads every shard once to index them",

@@ -19,7 +19,11 @@ def add_arguments(p) -> None:
                 "byte, other small files re-encoded. EXIF rotation is applied; colour modes become RGB as in "
                 "training. Bad files are skipped and listed in OUT/prepare_bad_files.txt. Files outside "
                 "train/ and val/ class folders (e.g. the scan cache) are not copied. Interrupted? Rerun the "
-                "same command: finished files are kept.")
+                "same command: finished files are kept. --format shards writes WebDataset tar shards instead "
+                "(train-000000.tar, ...: KEY.jpg and KEY.cls per image, in the folder's sorted order; without "
+                "--short_side the images' bytes as they are), their index and classes.json, from the folder or "
+                "from Hugging Face parquet files (pip install pyarrow); rerunning it resumes after the last "
+                "finished shard.")
     p.add_argument("--data_dir", required=True,
                    help="source folder: DATA_DIR/{train,val}/<class>/<images>; with --format shards also a folder of "
                         "Hugging Face parquet files (DATA_DIR/*.parquet or DATA_DIR/data/*.parquet); only read")

@@ -409,3 +409,19 @@ def test_data_dir_names_shards_by_folder_name_pattern_or_list(tmp_path):
     only.mkdir()
     (only / "shard-0.tar").write_bytes(b"")
     assert shard_layout(str(only)).splits == {"train": [str(only / "shard-0.tar")], "val": []}  # no names: all train
+
+
+def test_eval_on_shards_gives_the_folders_numbers_and_bench_loader_reads_them(tiny_run, shards, capsys):
+    """tiny_run's data is the same tiny folder (same generator and seed) that the shards were written from."""
+    from rectrain.cli import main
+    results = []
+    for data in (tiny_run.data, shards):
+        assert main(["eval", "--checkpoint", tiny_run.ckpt, "--data_dir", data, "--device", "cpu", "--workers", "1",
+                     "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["val_images"] == results[1]["val_images"] == 15
+    assert {k: v for k, v in results[0].items() if k != "checkpoint"} == \
+        {k: v for k, v in results[1].items() if k != "checkpoint"}
+    assert main(["bench", "loader", "--data_dir", shards, "--workers", "1", "--batch_size", "4", "--target_size", "32",
+                 "--batches", "2", "--warmup", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8
