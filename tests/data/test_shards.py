@@ -425,3 +425,20 @@ def test_eval_on_shards_gives_the_folders_numbers_and_bench_loader_reads_them(ti
     assert main(["bench", "loader", "--data_dir", shards, "--workers", "1", "--batch_size", "4", "--target_size", "32",
                  "--batches", "2", "--warmup", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 8
+
+
+def test_prepare_leaves_out_exactly_what_the_scan_rejects_and_lists_it(folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    empty, cut = data / "train/class_001/class_001_00003.jpg", data / "train/class_002/class_002_00000.jpg"
+    empty.write_bytes(b"")
+    cut.write_bytes(cut.read_bytes()[:300])
+    (data / "train/class_000/notes.txt").write_text("not an image")
+    r = prepare_shards(str(data), str(tmp_path / "out"), "50KB", workers=0)
+    assert sorted(n for n, _ in r["bad_files"]) == ["train/class_001/class_001_00003.jpg",
+                                                     "train/class_002/class_002_00000.jpg"]
+    listed = (tmp_path / "out" / "prepare_bad_files.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [n for n, _ in r["bad_files"]]
+    src, got = scan_split(str(data), "train"), scan_split(str(tmp_path / "out"), "train")
+    assert [p.split(":", 1)[1] for p in got.index.paths.tolist()] == [p.rsplit(".", 1)[0] for p in src.index.paths]
+    np.testing.assert_array_equal(got.sizes, src.sizes)
