@@ -22,8 +22,8 @@ extension ``jpg``). The image is the first member with an image extension, the l
 decimal integer); other members (``.json``, ...) are ignored. A sample is named ``shard.tar:key`` in messages.
 
 Reading: ``ShardMembers`` holds where each sample's image bytes lie (shard, offset, size). A worker reads them with
-``os.pread`` on a file it opened once per shard (a small LRU of open files per process, so that 1,024 shards do
-not exhaust the open-file limit), never extracting anything.
+``os.pread`` on a file it opened once per shard and keeps open (``open_file_budget``: every shard where the
+open-file limit allows), never extracting anything.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ SPLIT_NAMES = ("train", "val")
 # Image members by extension, in order of preference when a sample has several (lowercased).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXT = "cls"
-OPEN_FILES = 64  # open shard files per process at most (LRU): a worker touches every shard within an epoch
+SPARE_FILES = 256  # descriptors left for everything else a process opens (sockets, shared memory, logs)
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key = path to the first dot
 
@@ -279,19 +279,42 @@ class ShardMembers:
         return MemberReader(self)
 
 
+def open_file_budget(shards: int) -> int:
+    """How many shard files one process may keep open: all of them where the open-file limit allows, raising the
+    soft limit towards the hard one if needed (a process's own limit: a DataLoader worker raises its own); else
+    what the limit leaves. Every open on a network filesystem is a metadata call: an image's shard must not be
+    opened again per image (with 1,024 shards and random access, an LRU of 64 would reopen for 94% of images)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = shards + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    limit = want if soft == resource.RLIM_INFINITY else soft
+    return max(16, min(shards, limit - SPARE_FILES))
+
+
 class MemberReader:
     """``read(i)`` -> the encoded image bytes of sample ``i``: one ``pread`` on a shard file this process keeps
-    open (per process: the files of a forked worker are its own). Failures are ``DecodeError`` naming the member,
-    so the run's replacement policy handles them as it does a bad image file."""
+    open (per process: the files of a forked worker are its own; ``open_file_budget`` of them, least recently used
+    closed first). Failures are ``DecodeError`` naming the member, so the run's replacement policy handles them as
+    it does a bad image file."""
 
     def __init__(self, members: ShardMembers):
         self.members = members
         self._files: OrderedDict[int, int] = OrderedDict()  # shard id -> fd, least recently used first
         self._pid = os.getpid()
+        self._budget = None  # open_file_budget, set in the process that reads
 
     def _fd(self, s: int) -> int:
         if self._pid != os.getpid():  # forked: the parent's descriptors are shared, start our own
-            self._files, self._pid = OrderedDict(), os.getpid()
+            self._files, self._pid, self._budget = OrderedDict(), os.getpid(), None
+        if self._budget is None:
+            self._budget = open_file_budget(len(self.members.shards))
         fd = self._files.get(s)
         if fd is not None:
             self._files.move_to_end(s)
@@ -304,7 +327,7 @@ class MemberReader:
             path = _local(location)
         fd = os.open(path, os.O_RDONLY)
         self._files[s] = fd
-        while len(self._files) > OPEN_FILES:
+        while len(self._files) > self._budget:
             os.close(self._files.popitem(last=False)[1])
         return fd
 

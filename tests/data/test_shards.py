@@ -442,3 +442,22 @@ def test_prepare_leaves_out_exactly_what_the_scan_rejects_and_lists_it(folder, t
     src, got = scan_split(str(data), "train"), scan_split(str(tmp_path / "out"), "train")
     assert [p.split(":", 1)[1] for p in got.index.paths.tolist()] == [p.rsplit(".", 1)[0] for p in src.index.paths]
     np.testing.assert_array_equal(got.sizes, src.sizes)
+
+
+def test_a_worker_keeps_its_shards_open_and_within_the_open_file_limit(shards):
+    import subprocess
+    import sys
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (300, 2000)); "
+            "from rectrain.data.shards import open_file_budget; print(open_file_budget(1024), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[0]); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)); print(open_file_budget(1024))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1024", "1280", "44"]  # raised to fit every shard; where the hard limit forbids, what it leaves
+    scan = scan_split(shards, "train")
+    reader = scan.index.members.reader()
+    reader.read(0)
+    reader._budget = 2  # as under a tight limit: least recently used shards are closed
+    ref = [reader.read(i) for i in range(len(scan.index))]
+    assert len(reader._files) == 2 and len(set(scan.index.members.shard.tolist())) > 2
+    fresh = scan.index.members.reader()
+    assert all(fresh.read(i) == ref[i] for i in range(len(scan.index)))
