@@ -21,6 +21,12 @@ path up to the first dot of its base name (``n01440764/n01440764_10026.jpg`` -> 
 extension ``jpg``). The image is the first member with an image extension, the label the ``.cls`` member (a
 decimal integer); other members (``.json``, ...) are ignored. A sample is named ``shard.tar:key`` in messages.
 
+Why ``tarfile`` and not the ``webdataset`` package: its ``WebDataset`` streams shards in order and shuffles in a
+buffer, which gives the aspect-ratio sampler neither the image sizes up front nor random access; the release
+installed here (1.0.2) ships no ``wids`` (indexed access), and what ``wids`` indexes (member offsets) is what
+``tarfile``'s headers give directly, while the sizes, labels and the bad-member policy are ours either way. The
+format is webdataset's, so its tools read what ``prepare`` writes (tested with the package itself).
+
 Reading: ``ShardMembers`` holds where each sample's image bytes lie (shard, offset, size). A worker reads them with
 ``os.pread`` on a file it opened once per shard and keeps open (``open_file_budget``: every shard where the
 open-file limit allows), never extracting anything.
