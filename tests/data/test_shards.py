@@ -295,7 +295,7 @@ def test_the_gpu_path_reads_shard_bytes_and_matches_the_cpu_loader(folder, shard
 
 def test_two_processes_under_gloo_train_identical_replicas_and_rank_1_reads_rank_0s_index(shards, tmp_path):
     from tests.test_train import free_port
-    assert _train(shards, tmp_path, "ddp", "--nproc", "2", "--dist_port", free_port(), "--workers", "1") == 0
+    assert _train(shards, tmp_path, "ddp", "--nproc", "2", "--dist_port", free_port()) == 0
     logs = [(tmp_path / f"ddp/logs/rank{r}.log").read_text() for r in (0, 1)]
     digests = [re.findall(r"final weights sha1 (\w+)", log) for log in logs]
     assert digests[0] and digests[0] == digests[1]
