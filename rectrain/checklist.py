@@ -31,6 +31,7 @@ from rectrain.config import TrainConfig
 from rectrain.data.buckets import make_buckets
 from rectrain.data.index import FileList, describe_skipped, list_files, missing_classes, name_some
 from rectrain.data.scan import INLINE_BELOW, BadImage, CacheStatus, SplitScan, cache_status, read_size
+from rectrain.data.shards import is_remote, is_shards
 from rectrain.data.workers import cap_workers
 from rectrain.errors import UserError
 from rectrain.runtime.io import usable_cores
@@ -246,6 +247,46 @@ def check_empty_classes(state: _State) -> Item:
                 "one it never sees (the class count is the number of folders)",
                 "remove those folders from train/ (and val/), or add images to them",
                 {"empty": empty, "unusable": unusable})
+
+
+# -- tar shards -------------------------------------------------------------------------------------
+def check_shard_split(state: _State, split: str) -> Item:
+    """Shards in place of a split's folder: how many, how big, and whether their index is fresh (it plays the cache's
+    part: without it the run's first start reads every shard once)."""
+    from rectrain.data.shard_index import index_status
+    from rectrain.data.shards import shard_layout
+    cfg, name = state.cfg, f"{split} data"
+    if split == "val" and state.train is None and not state.caches:
+        return Item(name, "skip", "train data failed")
+    try:
+        layout = shard_layout(cfg.data_dir)
+        if split == "val" and not layout.splits.get("val"):
+            return Item(name, "warn", f"{cfg.data_dir} names no val shards: the run trains without validation",
+                        "add shards whose names contain 'val' (e.g. val-000000.tar) to see top-1/top-5 each epoch")
+        shards = layout.shards(split)
+        classes = state.train.index.classes if split == "val" and state.train is not None else None
+        st = state.caches[split] = index_status(cfg.data_dir, split, classes, cache_dir=state.run_dir)
+    except UserError as e:
+        return Item(name, "fail", str(e), "point --data_dir at the shards (a folder of *.tar, a brace pattern or a "
+                    "list file; `rectrain --help` of train explains)")
+    size = sum(os.path.getsize(s) for s in shards if not is_remote(s))
+    where = f"{len(shards):,} shards" + (f", {_gib(size)}" if size else " (remote)")
+    details = {"shards": len(shards), "bytes": size, "index": st.path, "fresh": st.fresh}
+    if not st.fresh and layout.remote:
+        return Item(name, "warn", f"{where}: the run fetches the index shipped beside them ({split}.index.npz) if "
+                    "there is one, else downloads every shard once to index it", None, details)
+    if not st.fresh:
+        what = f"its index {st.path} no longer matches them" if st.path else "not indexed yet"
+        return Item(name, "warn", f"{where}; {what}: the run's start reads every shard once to index them",
+                    f"`rectrain scan --data_dir {cfg.data_dir}` indexes them ahead of time", details)
+    index = st.scan.index
+    files = FileList(index, np.zeros(len(index), np.int64), np.zeros(len(index), np.int64))
+    if split == "train":
+        state.train = files
+    else:
+        state.val = files
+    text, more = _split_summary(files)
+    return Item(name, "pass", f"{where}: {text} (index {st.path})", None, {**details, **more})
 
 
 # -- aspect-ratio cache and unusable files ----------------------------------------------------------
@@ -617,11 +658,16 @@ def iter_checks(cfg: TrainConfig, *, loader_probe: bool = True,
     yield check_torch()
     yield check_opencv(cfg)
     yield check_cuda(state)
-    yield check_train_split(state)
-    yield check_val_split(state)
-    yield check_empty_classes(state)
-    yield check_cache(state, "train")
-    yield check_cache(state, "val")
+    if is_shards(cfg.data_dir):
+        yield check_shard_split(state, "train")
+        yield check_shard_split(state, "val")
+        yield check_empty_classes(state)
+    else:
+        yield check_train_split(state)
+        yield check_val_split(state)
+        yield check_empty_classes(state)
+        yield check_cache(state, "train")
+        yield check_cache(state, "val")
     yield check_unusable_files(state)
     yield check_disk(state, disk_usage)
     yield check_output(state)

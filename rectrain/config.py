@@ -92,6 +92,12 @@ class TrainConfig:
                                       "resize)")
     val_batch_size: int | None = _f(DATA, None, "validation batch size per GPU (default: --batch_size)")
     max_decode_failures: int = _f(DATA, 100, "stop the run when more images than this fail to decode")
+    shard_cache: str | None = _f(DATA, None, "remote tar shards (--data_dir with https://, s3://, gs:// URLs): the "
+                                             "folder their local copies are kept in (default: "
+                                             "~/.cache/rectrain/shards)")
+    shard_cache_gb: float = _f(DATA, 100.0, "remote tar shards: at most this many GB of local copies; when the train "
+                                            "shards do not fit beside the val shards, each epoch reads them in "
+                                            "windows of half the rest")
     # --- model ---
     arch: str = _f(MODEL, "resnet50", "model architecture", choices=sorted(ARCH_NAMES))
     width: int = _f(MODEL, 64, "stem width of the ResNet (64 is the paper's; smaller for quick tests)")
@@ -289,6 +295,7 @@ RULES: dict[str, tuple] = {
     "poly_power": _POSITIVE, "lars_eta": _POSITIVE,
     "lamb_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9 0.999"),
     "opt_eps": _NOT_NEGATIVE, "accum_steps": _AT_LEAST_1,
+    "shard_cache": _NOT_EMPTY, "shard_cache_gb": _POSITIVE,
 }
 
 
@@ -346,6 +353,9 @@ def _check_combinations(cfg: TrainConfig) -> None:
 def check_data_dir(data_dir: str) -> None:
     """UserError unless ``data_dir`` holds a train/ folder, saying what it looks like instead (no torch: it answers
     before anything heavy is imported)."""
+    from rectrain.data.shards import is_shards
+    if is_shards(data_dir):  # tar shards: their layout is checked when they are listed (rectrain.data.shards)
+        return
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir} does not exist; point it at a folder holding "
                         "train/<class>/<images> and val/<class>/<images> (try `rectrain synth --out DIR` for a demo set)")

@@ -52,7 +52,7 @@ class Start:
 # Settings of the machine or of this invocation, not of the run: never taken from a checkpoint on resume (those
 # that differ from the checkpoint's are listed in a note, but for the ones that cannot matter: QUIET).
 NOT_INHERITED = {"resume", "device", "nproc", "dist_port", "dist_timeout", "workers", "progress", "max_steps",
-                 "compile_cache"}
+                 "compile_cache", "shard_cache", "shard_cache_gb"}  # the last two: where this machine keeps remote shards
 QUIET = {"resume", "dist_port", "progress"}
 LR_FLAGS = {"lr", "lr_per_256"}
 FINISHED_LR = 1e-12  # a schedule's last rate at or below this (and the min_lr): the run cannot learn any more

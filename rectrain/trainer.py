@@ -29,7 +29,8 @@ from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
-from rectrain.data.scan import SplitScan, data_notes, scan_split
+from rectrain.data.scan import SplitScan, data_notes, load_scan, scan_split
+from rectrain.data.shards import split_exists
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError
 from rectrain.model import count_parameters
@@ -282,10 +283,10 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     device = torch.device(info.device)
     train = _scan(cfg, info, paths, "train", log)
     val = None
-    if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+    if split_exists(cfg.data_dir, "val"):
         val = _scan(cfg, info, paths, "val", log, classes=train.index.classes)
     else:
-        log(f"note: {cfg.data_dir} has no val/ folder: training without validation")
+        log(f"note: {cfg.data_dir} has no val/ folder (or val shards): training without validation")
     for name, s in (("train", train), ("val", val)):
         if s is not None and s.bad:
             _log_unusable(cfg, name, s.bad, log)
@@ -305,6 +306,13 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     settings = cfg.slice(LoaderSettings, workers=workers, decode=decode, pin_memory=device.type == "cuda",
                          rank=info.rank, world_size=info.world_size)
     loaders = build_loaders(train, val, plan.buckets, settings, plan.epoch_shapes, plan.val_buckets)
+    windows = getattr(loaders.train_sampler, "windows", None)
+    if windows is not None and info.is_primary:
+        cache = train.index.members.cache
+        log(f"note: remote shards: their {train.index.members.shard_bytes.sum() / 1e9:.3g} GB do not fit the "
+            f"{cache.max_bytes / 1e9:g} GB --shard_cache_gb, so each epoch reads them in {len(windows)} windows "
+            "of shards, each half the cache, in a new order; an image shares batches only with its own window's "
+            f"(cache: {cache.folder})")
     gpu_decoder = GpuBatchDecoder(device, cpu_decoder=cfg.decoder, log=log) if decode == "gpu" else None
     data = RunData(train.index.classes, plan, loaders, gpu_decoder)
     log(f"data: {len(train.index):,} train / {len(val.index) if val else 0:,} val images, "
@@ -316,10 +324,33 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
 
 
 def _scan(cfg: TrainConfig, info: DistInfo, paths: RunPaths, split: str, log, classes=None) -> SplitScan:
-    """Rank 0 scans (and writes the cache) first, telling the others if it failed; they then read the cache."""
-    kw = dict(classes=classes, cache_dir=paths.run_dir, workers=None, progress=info.is_primary)
+    """Rank 0 scans (and writes the cache; for shards: reads or builds their index) first, telling the others if it
+    failed. The others then load the file rank 0 names, by its path and fingerprint: they neither list nor stat the
+    dataset (at 64 ranks and ImageNet's 1.28 million files, listing it everywhere was 82 million metadata calls on
+    the shared filesystem: docs/benchmarks.md). Where that file is not readable (no writable place for it, or a
+    node-local cache folder on another node), a rank scans for itself as before."""
+    cache = shard_cache_of(cfg)
+    kw = dict(classes=classes, cache_dir=paths.run_dir, workers=None, progress=info.is_primary, shard_cache=cache)
     scan = on_primary(lambda: scan_split(cfg.data_dir, split, **kw), f"scanning {split}/", log)
-    return scan if scan is not None else scan_split(cfg.data_dir, split, **kw)
+    where = broadcast_object((scan.cache_path, scan.fingerprint) if scan is not None else None)
+    if scan is not None:
+        return scan
+    if where[0]:
+        loaded = load_scan(*where, cfg.data_dir, split, classes, cache)
+        if loaded is not None:
+            log(f"{split}: read rank 0's {'index' if loaded.index.members is not None else 'scan'} {where[0]} "
+                f"({loaded.seconds:.2f} s, without listing the data)")
+            return loaded
+    return scan_split(cfg.data_dir, split, **kw)
+
+
+def shard_cache_of(cfg: TrainConfig):
+    """The local cache of remote shards (--shard_cache, --shard_cache_gb), or None when the data is local."""
+    from rectrain.data.shards import is_remote
+    if not is_remote(cfg.data_dir):
+        return None
+    from rectrain.data.shard_cache import ShardCache
+    return ShardCache(cfg.shard_cache, cfg.shard_cache_gb)
 
 
 def _log_unusable(cfg: TrainConfig, split: str, bad: list[tuple[str, str]], log, shown: int = 20) -> None:

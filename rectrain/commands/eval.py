@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch_size must be at least 1")
     restored = restore(args.checkpoint, args.ema)  # fail here, once, before any process starts
     data_dir = args.data_dir or restored.config.data_dir
-    if not data_dir or not os.path.isdir(os.path.join(data_dir, args.split)):
-        raise UserError(f"no {args.split}/ folder under {data_dir}; pass --data_dir DATASET_ROOT")
+    from rectrain.data.shards import split_exists
+    if not data_dir or not split_exists(data_dir, args.split):
+        raise UserError(f"no {args.split}/ folder (or {args.split} shards) under {data_dir}; pass --data_dir "
+                        "DATASET_ROOT")
     inference_buckets(restored.config, args.target_size, args.square)
     del restored
     worker = functools.partial(_eval_worker, args, data_dir)

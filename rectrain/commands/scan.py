@@ -11,13 +11,15 @@ from rectrain.data.buckets import RECT_MODES, make_buckets
 from rectrain.data.index import class_names, describe_skipped
 from rectrain.data.samplers import AspectRatioBatchSampler
 from rectrain.data.scan import DEFAULT_MAX_PIXELS, SplitScan, data_notes, scan_split
+from rectrain.data.shards import is_shards, split_exists
 from rectrain.errors import UserError
 
 RATIO_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.97, 1.03, 1.25, 1.43, 1.67, 2.0, float("inf"))  # W/H
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data_dir", required=True, help="ImageNet-style folder: DATA_DIR/{train,val}/<class>/<images>")
+    p.add_argument("--data_dir", required=True, help="ImageNet-style folder: DATA_DIR/{train,val}/<class>/<images>; "
+                   "or tar shards (a folder of *.tar, a brace pattern, a list file): indexes them")
     p.add_argument("--split", choices=("train", "val", "both"), default=None,
                    help="split to scan (default: both when DATA_DIR/val exists, else train)")
     p.add_argument("--target_size", type=int, default=224, help="bucket size in pixels (see --rect_mode)")
@@ -113,9 +115,10 @@ def _report(name: str, scan: SplitScan, buckets, batch_size: int) -> None:
     print("\n".join(ratio_histogram(scan.sizes)))
     print(f"buckets ({buckets.mode}, target {buckets.target_size}, max ratio {buckets.max_ratio:g}):")
     print("\n".join(bucket_lines(scan.sizes, buckets, batch_size, train=name == "train")))
-    origin = "read from cache" if scan.from_cache else "scanned; cache written" if scan.cache_path else \
-        "scanned; no writable place for a cache"
-    print(f"cache: {scan.cache_path or '-'} ({origin})")
+    what = "index" if ix.members is not None else "cache"  # shards: their index plays the cache's part
+    origin = f"read from {what}" if scan.from_cache else f"scanned; {what} written" if scan.cache_path else \
+        f"scanned; no writable place for a{'n' if what == 'index' else ''} {what}"
+    print(f"{what}: {scan.cache_path or '-'} ({origin})")
     print(f"time: {scan.seconds:.2f} s")
 
 
@@ -124,7 +127,8 @@ def run(args) -> int:
         raise UserError("--batch_size must be >= 1, --target_size >= 32 and --max_ratio >= 1")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be >= 0")
-    split = args.split or ("both" if os.path.isdir(os.path.join(args.data_dir, "val")) else "train")
+    shards = is_shards(args.data_dir)
+    split = args.split or ("both" if split_exists(args.data_dir, "val") else "train")
     buckets = make_buckets(args.target_size, args.rect_mode, args.max_ratio)
     kw = dict(workers=args.workers, max_pixels=args.max_pixels, progress=True)
     classes = train = val = None
@@ -133,7 +137,7 @@ def run(args) -> int:
         classes = train.index.classes
         _report("train", train, buckets, args.batch_size)
     if split in ("val", "both"):
-        if classes is None and os.path.isdir(os.path.join(args.data_dir, "train")):
+        if classes is None and not shards and os.path.isdir(os.path.join(args.data_dir, "train")):
             classes = class_names(args.data_dir, "train")  # val shares train's class map
         val = scan_split(args.data_dir, "val", classes, **kw)
         _report("val", val, buckets, args.batch_size)

@@ -249,10 +249,11 @@ class _GivenBox(RectangularCropTfm):
     def box(self, size_hw, out_hw, rng=None):
         return self._geometry
 
-    def decode_box(self, path: str, out_hw, size_hw, box, flip: bool) -> np.ndarray:
-        """-> (H, W, 3) uint8, pixel for pixel what ``RectangularCropTfm`` gives when its rng draws this box."""
+    def decode_box(self, src, out_hw, size_hw, box, flip: bool, name: str | None = None) -> np.ndarray:
+        """-> (H, W, 3) uint8, pixel for pixel what ``RectangularCropTfm`` gives when its rng draws this box.
+        ``src``: a path or the encoded bytes (``name`` names them in errors)."""
         self._geometry = (tuple(box), bool(flip))
-        return self(path, out_hw, size_hw=size_hw)
+        return self(src, out_hw, size_hw=size_hw, name=name)
 
 
 @dataclass
@@ -289,18 +290,21 @@ class BytesCropTfm:
         self.cpu_tfm = cpu_tfm
         self._cpu = _GivenBox(cpu_tfm.decoder)
 
-    def __call__(self, path: str, out_hw, rng: np.random.Generator | None = None, size_hw=None) -> Encoded:
+    def __call__(self, src, out_hw, rng: np.random.Generator | None = None, size_hw=None,
+                 name: str | None = None) -> Encoded:
+        """``src``: a file path, or the file's encoded bytes (a shard member) that ``name`` names."""
         out_hw = (int(out_hw[0]), int(out_hw[1]))
+        path = name or src
         if size_hw is None:  # no scanned size: the CPU path as is (the box needs the size)
-            return Encoded(path, out_hw, None, None, False, image=self.cpu_tfm(path, out_hw, rng),
+            return Encoded(path, out_hw, None, None, False, image=self.cpu_tfm(src, out_hw, rng, name=name),
                            reason="no scanned size")
         size_hw = (int(size_hw[0]), int(size_hw[1]))
         box, flip = self.cpu_tfm.box(size_hw, out_hw, rng)
-        data = _read_bytes(path)
+        data = _read_bytes(src) if isinstance(src, str) else bytes(src)
         reason = gpu_refusal(data, size_hw)
         if reason is None:
             return Encoded(path, out_hw, size_hw, tuple(box), flip, data=np.frombuffer(data, np.uint8))
-        image = self._cpu.decode_box(path, out_hw, size_hw, box, flip)
+        image = self._cpu.decode_box(data, out_hw, size_hw, box, flip, name=path)
         return Encoded(path, out_hw, size_hw, tuple(box), flip, image=image, reason=reason)
 
     def __repr__(self) -> str:
@@ -582,8 +586,10 @@ class GpuBatchDecoder:
 
     def _cpu_crop(self, batch: EncodedBatch, k: int, failed: list[str]) -> torch.Tensor:
         """(H, W, 3) uint8 on the device: GPU image ``k`` decoded on the CPU; the mean colour if that fails too."""
-        try:
-            img = self.cpu.decode_box(batch.paths[k], batch.out_hw, batch.sizes[k], batch.boxes[k], batch.flips[k])
+        try:  # the bytes the worker read: a shard member has no path of its own to read again
+            data = batch.encoded()[k].numpy().tobytes()
+            img = self.cpu.decode_box(data, batch.out_hw, batch.sizes[k], batch.boxes[k], batch.flips[k],
+                                      name=batch.paths[k])
             return torch.from_numpy(img).to(self.device)
         except DecodeError as e:
             failed.append(str(e))

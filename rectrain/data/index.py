@@ -41,6 +41,9 @@ class ImageIndex:
     labels: np.ndarray  # (N,) int64
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, e.g. {"hidden": 2}
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first few paths, relative
+    # Shards (``rectrain.data.shards.ShardMembers``): where each sample's image bytes lie; ``paths`` are then the
+    # members' names, ``shard.tar:key``. None: an image folder, ``paths`` are files.
+    members: object = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,8 +54,9 @@ class ImageIndex:
     def subset(self, keep: np.ndarray) -> "ImageIndex":
         """The samples selected by ``keep`` (a boolean mask of length N, or indices); same class map."""
         keep = np.asarray(keep)
+        members = None if self.members is None else self.members.subset(keep)
         return ImageIndex(self.split_dir, list(self.classes), self.paths[keep], self.labels[keep], dict(self.skipped),
-                          dict(self.skipped_examples))
+                          dict(self.skipped_examples), members)
 
 
 SKIP_REASONS = {"hidden": "hidden (name starts with '.')", "not_image": "not an image by extension",

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from rectrain.data.buckets import BucketTable
-from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler
+from rectrain.data.samplers import (AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler,
+                                    WindowedBatchSampler, shard_windows)
 from rectrain.data.scan import SplitScan
 from rectrain.data.transforms import DecodeError, RectangularCropTfm
 from rectrain.data.workers import ignore_stop_signals, shut_down, start_workers, track
@@ -48,6 +49,8 @@ class BucketDataset(torch.utils.data.Dataset):
         self.epoch_shapes = epoch_shapes
         self.transform = transform
         self.seed = seed
+        # Shards: each sample's bytes are read from its shard by offset (one open file per shard per worker).
+        self.reader = None if scan.index.members is None else scan.index.members.reader()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,8 +62,9 @@ class BucketDataset(torch.utils.data.Dataset):
 
     def _load(self, i: int, epoch: int, rng: np.random.Generator) -> np.ndarray:
         h, w = self.shapes_at(epoch)[self.bucket_ids[i]]
-        path = os.path.join(self.split_dir, str(self.paths[i]))
-        return self.transform(path, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]))
+        path = os.path.join(self.split_dir, str(self.paths[i]))  # a shard member's is shard.tar:key
+        src = path if self.reader is None else self.reader.read(i, path)
+        return self.transform(src, (int(h), int(w)), rng=rng, size_hw=tuple(int(s) for s in self.sizes[i]), name=path)
 
     def __getitem__(self, key):
         i, epoch = key
@@ -157,7 +161,7 @@ class LoaderSettings:
 class Loaders:
     train: torch.utils.data.DataLoader      # one epoch per iter() unless ``epochs`` chose a range
     val: torch.utils.data.DataLoader | None
-    train_sampler: DistributedBatchSampler
+    train_sampler: DistributedBatchSampler  # or WindowedBatchSampler (remote shards, bounded cache)
     train_set: BucketDataset
     val_set: BucketDataset | None
     stream: EpochStream
@@ -186,8 +190,10 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(s.crop_scale), hflip=s.hflip, crop=s.train_crop,
                                                decoder=s.decoder), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
-    base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
-    sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank, leftovers=s.ddp_leftovers)
+    sampler = _windowed(train_scan, val_scan, train_set.bucket_ids, s)
+    if sampler is None:
+        base = AspectRatioBatchSampler(train_set.bucket_ids, s.batch_size, seed=s.seed)
+        sampler = DistributedBatchSampler(base, num_replicas=s.world_size, rank=s.rank, leftovers=s.ddp_leftovers)
     if len(sampler) == 0:
         raise UserError(f"the training set ({len(train_set)} images) gives no batches of --batch_size {s.batch_size} "
                         f"for {s.world_size} process(es); lower --batch_size or add images")
@@ -197,6 +203,32 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     if val_scan is not None and len(val_scan.index):
         val, val_set = build_val_loader(val_scan, val_buckets or buckets, s)
     return Loaders(train, val, sampler, train_set, val_set, stream)
+
+
+def _windowed(scan: SplitScan, val_scan: SplitScan | None, bucket_ids: np.ndarray,
+              s: LoaderSettings) -> WindowedBatchSampler | None:
+    """Remote shards whose copies do not all fit the cache: batches drawn one window of shards at a time
+    (``WindowedBatchSampler``), a window being half of what the val shards leave of the cache (validation reads
+    every val shard each time); None otherwise."""
+    members = scan.index.members
+    cache = getattr(members, "cache", None)
+    if cache is None or members.shard_bytes is None:
+        return None
+    val = val_scan.index.members if val_scan is not None else None
+    reserved = int(val.shard_bytes.sum()) if val is not None and val.cache is not None and val.shard_bytes is not None \
+        else 0
+    if int(members.shard_bytes.sum()) + reserved <= cache.max_bytes:
+        return None
+    budget = (cache.max_bytes - reserved) // 2
+    largest = int(members.shard_bytes.max())
+    if budget < largest:
+        raise UserError(f"--shard_cache_gb {cache.max_bytes / 1e9:g} is too small for these remote shards: the val "
+                        f"shards take {reserved / 1e9:.3g} GB of it and a window of train shards needs twice the "
+                        f"largest one ({largest / 1e9:.3g} GB); raise it to at least "
+                        f"{(reserved + 2 * largest) / 1e9:.3g} (ten times that keeps batches well mixed)")
+    windows = shard_windows(members.shard, members.shard_bytes, budget, s.seed)
+    return WindowedBatchSampler(bucket_ids, windows, s.batch_size, seed=s.seed, num_replicas=s.world_size,
+                                rank=s.rank, leftovers=s.ddp_leftovers)
 
 
 def _for_decode(tfm: RectangularCropTfm, decode: str):

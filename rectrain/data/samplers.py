@@ -12,6 +12,8 @@ sees exactly the batches an uninterrupted one would have.
   for a round, is its ``leftovers`` policy (``LEFTOVER_POLICIES``: mix, drop or split).
 - ``ValidationBatchSampler``: every image exactly once across ranks, batches grouped by bucket
   (fast.ai's rectangular validation); ranks may get different batch counts.
+- ``WindowedBatchSampler``: remote shards behind a bounded cache: ``DistributedBatchSampler`` on one window of
+  shards at a time.
 
 Samplers yield lists of dataset indices (ints), as ``torch.utils.data.DataLoader(batch_sampler=...)``
 expects; they do not import torch.
@@ -23,8 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["AspectRatioBatchSampler", "DistributedBatchSampler", "ValidationBatchSampler", "ORDER_VERSION",
-           "LEFTOVER_POLICIES", "SPLIT_MIN_BATCH"]
+__all__ = ["AspectRatioBatchSampler", "DistributedBatchSampler", "ValidationBatchSampler", "WindowedBatchSampler",
+           "shard_windows", "ORDER_VERSION", "LEFTOVER_POLICIES", "SPLIT_MIN_BATCH"]
 
 # The training order for a given (seed, epoch, world size, bucket counts) is part of a checkpoint's meaning:
 # resuming mid-epoch under another order version gives that epoch a different tail. 1: round-robin
@@ -443,3 +445,87 @@ class ValidationBatchSampler:
     def __repr__(self) -> str:
         return (f"ValidationBatchSampler(rank={self.rank}/{self.num_replicas}, batch_size={self.batch_size}, "
                 f"batches={len(self)})")
+
+
+_WINDOWS_STREAM = 3  # which shards share a window (drawn once per run, from the seed)
+_WINDOW_ORDER_STREAM = 4  # the windows' order in an epoch
+
+
+def shard_windows(shard_of_sample: np.ndarray, shard_bytes: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
+    """Windows of shards for ``WindowedBatchSampler``: the shards shuffled once (from ``seed``) and grouped in order
+    so that each group's bytes stay within ``budget`` (a shard larger than it is a window of its own) -> per window,
+    the (increasing) indices of its samples. One window holds every sample when all shards fit."""
+    shard_bytes = np.asarray(shard_bytes, np.int64)
+    order = _rng(seed, 0, _WINDOWS_STREAM).permutation(len(shard_bytes))
+    groups, cur, size = [], [], 0
+    for s in order.tolist():
+        if cur and size + shard_bytes[s] > budget:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += int(shard_bytes[s])
+    groups.append(cur)
+    window_of_shard = np.empty(len(shard_bytes), np.int64)
+    for k, g in enumerate(groups):
+        window_of_shard[g] = k
+    window = window_of_shard[np.asarray(shard_of_sample)]
+    return [np.flatnonzero(window == k) for k in range(len(groups))]
+
+
+class WindowedBatchSampler:
+    """``DistributedBatchSampler`` window by window, for remote shards kept in a bounded local cache.
+
+    A window is a group of shards whose bytes fit half the cache (``shard_windows``: fixed for the run, drawn from
+    the seed). Each epoch takes the windows in a new order (from ``(seed, epoch)``) and, within each, deals that
+    window's images exactly as ``DistributedBatchSampler`` deals a whole data set (buckets shuffled per epoch,
+    same-shape rounds, the same batch count on every rank). So at any time the run reads one window's shards (and
+    the next one's first, while the loader prefetches): the cache holds two windows at most.
+
+    What it costs: an image only ever shares a batch with images of its own window (a fixed part of the data,
+    ``1 / len(windows)`` of it), and each window drops its own leftovers (fewer than ``batch_size`` per bucket and
+    window), so an epoch has a few batches fewer than unwindowed; the count is the same every epoch (the windows
+    are fixed). With one window (every shard fits) it is ``DistributedBatchSampler`` itself. Pure in (seed, epoch):
+    exact resume works as for local data.
+    """
+
+    def __init__(self, bucket_ids: np.ndarray, windows: list[np.ndarray], batch_size: int, seed: int = 42,
+                 num_replicas: int = 1, rank: int = 0, leftovers: str = "mix"):
+        ids = _check_bucket_ids(bucket_ids)
+        self.windows = [np.asarray(w, np.int64) for w in windows]
+        self.seed, self.num_replicas, self.rank = int(seed), *_check_world(num_replicas, rank)
+        self.batch_sampler = AspectRatioBatchSampler(ids, batch_size, seed=seed)  # the epoch lives here
+        self.parts = [DistributedBatchSampler(
+            AspectRatioBatchSampler(ids[w], batch_size, seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0])),
+            num_replicas, rank, leftovers) for k, w in enumerate(self.windows)]
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def rounds(self, epoch: int) -> list[list[np.ndarray]]:
+        order = _rng(self.seed, epoch, _WINDOW_ORDER_STREAM).permutation(len(self.windows))
+        return [[self.windows[k][b] for b in batches] for k in order.tolist() for batches in self.parts[k].rounds(epoch)]
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        return [b for batches in self.rounds(epoch) for b in batches]
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        return self.global_batches(epoch)[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (b.tolist() for b in self.rank_batches(self.epoch))
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def describe(self, epoch: int) -> str:
+        """The start-up line of ``DistributedBatchSampler.describe``, for the first window (every window deals its own
+        leftovers by the same policy)."""
+        return f"{len(self.windows)} shard windows, each dealt on its own; the first: {self.parts[0].describe(epoch)}"
+
+    def __repr__(self) -> str:
+        return (f"WindowedBatchSampler(rank={self.rank}/{self.num_replicas}, windows={len(self.windows)}, "
+                f"batches_per_rank={len(self)}, epoch={self.epoch})")

@@ -26,12 +26,13 @@ The ``rectrain scan`` report (counts, bad files, the ratio histogram, the bucket
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ from rectrain.errors import UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores, user_cache_dir
 
 __all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "TINY_SIDE", "BadImage", "SplitScan", "CacheStatus", "data_notes",
-           "read_size", "scan_split", "cache_status", "cache_name"]
+           "read_size", "read_size_bytes", "scan_split", "load_scan", "cache_status", "cache_name"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
 FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
@@ -71,6 +72,8 @@ class SplitScan:
     cache_path: str | None  # where the cache was read from or written to; None when nowhere was writable
     from_cache: bool
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. a shard index that was rebuilt, and why
+    fingerprint: str = ""  # of the cache it was read from or written to (other ranks load it by path: trainer)
 
 
 TINY_SIDE = 16  # an image with a side shorter than this carries almost nothing at any crop size (a 1x1 pixel: one
@@ -85,6 +88,7 @@ def data_notes(train: SplitScan | None, val: SplitScan | None, skipped: bool = T
     for name, scan in (("train", train), ("val", val)):
         if scan is None:
             continue
+        notes += scan.notes
         notes += [f"note: {name}/ skipped {line}" for line in describe_skipped(scan.index) if skipped]
         tiny = np.flatnonzero(scan.sizes.min(axis=1) < TINY_SIDE)
         if len(tiny):
@@ -163,6 +167,15 @@ def read_size(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int
             return _header(f, max_pixels)
     except OSError as e:
         raise BadImage(f"cannot read: {e.strerror or e}") from e
+
+
+def read_size_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``read_size`` of an image given as its encoded bytes (a shard member): the same checks, no file."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _header(io.BytesIO(data), max_pixels)
 
 
 def _read_chunk(args) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -308,13 +321,21 @@ def _fresh_scan(files: FileList, max_pixels: int, workers: int | None, progress:
 
 def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
                workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               progress: bool = False) -> SplitScan:
+               progress: bool = False, shard_cache=None) -> SplitScan:
     """Index ``data_dir/split``, read every image's upright size (or reuse the cache) and report bad files.
+
+    ``data_dir`` may also name tar shards (``rectrain.data.shards``): their index is then read or built
+    (``rectrain.data.shard_index.scan_shards``; ``shard_cache``: where remote shards are kept).
 
     ``classes``: train's class map when scanning val (see ``rectrain.data.index.build_index``).
     ``cache_dir``: where to keep the cache when ``data_dir`` is not writable (e.g. the run's folder).
     ``workers``: processes for a fresh scan (None: one per usable core; small scans run inline).
     """
+    from rectrain.data.shards import is_shards
+    if is_shards(data_dir):  # tar shards: their index plays the cache's part
+        from rectrain.data.shard_index import scan_shards
+        return scan_shards(data_dir, split, classes, cache_dir=cache_dir, workers=workers, max_pixels=max_pixels,
+                           progress=progress, shard_cache=shard_cache)
     t0 = time.perf_counter()
     if max_pixels < 1:
         raise UserError(f"--max_pixels must be positive, got {max_pixels}")
@@ -324,12 +345,37 @@ def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, c
     for path in candidates:
         hit = _load_cache(path, fp, files)
         if hit is not None:
-            return SplitScan(*hit, path, True, time.perf_counter() - t0)
+            return SplitScan(*hit, path, True, time.perf_counter() - t0, fingerprint=fp)
     index, sizes, bad, usable = _fresh_scan(files, max_pixels, workers, progress)
-    scan = SplitScan(index, sizes, bad, None, False, 0.0)
+    scan = SplitScan(index, sizes, bad, None, False, 0.0, fingerprint=fp)
     scan.cache_path = _save_cache(candidates, fp, scan, usable)
     scan.seconds = time.perf_counter() - t0
     return scan
+
+
+def load_scan(path: str, fp: str, data_dir: str, split: str, classes: list[str] | None = None,
+              shard_cache=None) -> SplitScan | None:
+    """The scan that another process (rank 0) wrote to the cache file ``path`` with fingerprint ``fp``, read without
+    listing or stat'ing the dataset; None when the file is not (or no longer) that one. Its ``skipped`` counts are
+    not stored: rank 0 reports them."""
+    from rectrain.data.shards import is_shards
+    if is_shards(data_dir):
+        from rectrain.data.shard_index import load_index_scan
+        return load_index_scan(path, fp, data_dir, split, shard_cache, classes)
+    t0 = time.perf_counter()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != FORMAT_VERSION or str(z["fingerprint"]) != fp:
+                return None
+            paths = np.char.decode(z["paths"], "utf-8", "surrogateescape") if len(z["paths"]) else \
+                np.array([], dtype=str)
+            index = ImageIndex(os.path.abspath(os.path.join(data_dir, split)), z["classes"].tolist(), paths,
+                               z["labels"].astype(np.int64))
+            sizes = z["sizes"].astype(np.int32).reshape(-1, 2)
+            bad = list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist()))
+    except Exception:  # gone, unreadable here (another node's cache folder), truncated: the caller scans
+        return None
+    return SplitScan(index, sizes, bad, path, True, time.perf_counter() - t0, fingerprint=fp)
 
 
 @dataclass

@@ -15,6 +15,7 @@ stays False).
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from contextlib import contextmanager
@@ -69,10 +70,12 @@ def _reading(path):
         raise DecodeError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
 
 
-def _open(path):
-    """Read the header only -> (lazy image, EXIF orientation 1..8, upright full size (W, H))."""
-    with _reading(path):
-        im = Image.open(path)
+def _open(path, name=None):
+    """Read the header only -> (lazy image, EXIF orientation 1..8, upright full size (W, H)). ``path``: a file path,
+    or the file's encoded bytes (a shard member; ``name`` then names it in errors)."""
+    encoded = isinstance(path, (bytes, bytearray, memoryview))
+    with _reading(name or ("an image given as bytes" if encoded else path)):
+        im = Image.open(io.BytesIO(path) if encoded else path)
         orientation = exif.orientation(im)
         h, w = exif.upright_size(im, orientation)
         return im, orientation, (w, h)
@@ -215,20 +218,22 @@ class RectangularCropTfm:
         flip = bool(rng.random() < self.hflip)
         return (x0, y0, x0 + cw, y0 + ch), flip
 
-    def __call__(self, path: str, out_hw: tuple[int, int], rng: np.random.Generator | None = None,
-                 size_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """-> (H, W, 3) uint8, exactly ``out_hw``. ``size_hw``: the image's upright (H, W) from the scan
-        cache (None: read from the header). The box is chosen on that size and mapped onto the file's
-        actual pixels as fractions, so a stale size can shift the crop but never break it."""
+    def __call__(self, src, out_hw: tuple[int, int], rng: np.random.Generator | None = None,
+                 size_hw: tuple[int, int] | None = None, name: str | None = None) -> np.ndarray:
+        """-> (H, W, 3) uint8, exactly ``out_hw``. ``src``: an image file's path, or its encoded bytes (a shard
+        member), which ``name`` then names in errors (e.g. ``shard.tar:key``). ``size_hw``: the image's upright
+        (H, W) from the scan cache (None: read from the header). The box is chosen on that size and mapped onto
+        the file's actual pixels as fractions, so a stale size can shift the crop but never break it."""
         oh, ow = int(out_hw[0]), int(out_hw[1])
+        path = name or (src if isinstance(src, str) else "an image given as bytes")  # what errors call it
         geometry = None
         if size_hw is not None:  # choose the crop before touching the file
             geometry = self.box(size_hw, (oh, ow), rng)
             if _use_opencv(self.decoder):
-                out = _opencv_crop(path, (oh, ow), size_hw, *geometry)
+                out = _opencv_crop(src, (oh, ow), size_hw, *geometry, name=path)
                 if out is not None:
                     return out
-        im, orientation, (full_w, full_h) = _open(path)
+        im, orientation, (full_w, full_h) = _open(src, path)
         gh, gw = size_hw if size_hw is not None else (full_h, full_w)
         (x0, y0, x1, y1), flip = geometry or self.box((gh, gw), (oh, ow), rng)
         fx, fy = full_w / gw, full_h / gh  # geometry pixels -> file pixels
@@ -268,11 +273,13 @@ def _use_opencv(decoder: str) -> bool:
     return decoder != "pil" and cv2 is not None
 
 
-def _opencv_crop(path: str, out_hw: tuple[int, int], size_hw, box, flip: bool) -> np.ndarray | None:
+def _opencv_crop(src, out_hw: tuple[int, int], size_hw, box, flip: bool, name: str | None = None) -> np.ndarray | None:
     """(H, W, 3) uint8 RGB of ``box`` (x0, y0, x1, y1 in the scanned upright size), or None when this file
-    should take the Pillow path."""
+    should take the Pillow path. ``src``: a path or the encoded bytes (``name`` names them in errors)."""
+    path = name or src
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        buf = (np.frombuffer(src, dtype=np.uint8) if isinstance(src, (bytes, bytearray, memoryview))
+               else np.fromfile(src, dtype=np.uint8))
     except OSError as e:
         raise DecodeError(f"cannot decode {path}: {type(e).__name__}: {e}") from None
     if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8 or buf[-2] != 0xFF or buf[-1] != 0xD9:

@@ -482,3 +482,29 @@ def test_validation_groups_each_bucket_into_consecutive_batches():
     buckets = [int(ids[b[0]]) for b in batches]
     assert buckets == sorted(buckets)
     assert sum(len(b) < 16 for b in batches) <= 4  # at most one partial batch per bucket
+
+
+# -- windows of shards (remote shards behind a bounded cache) -------------------------------------------------------
+def test_windowed_rounds_are_same_shape_per_window_equal_per_rank_and_constant_per_epoch():
+    from rectrain.data.samplers import WindowedBatchSampler, shard_windows
+    rng = np.random.default_rng(0)
+    shard = np.repeat(np.arange(12), 50)                 # 12 shards of 50 images
+    ids = rng.integers(0, 3, size=len(shard))            # 3 buckets
+    windows = shard_windows(shard, np.full(12, 100), budget=300, seed=1)
+    assert len(windows) == 4 and sorted(np.concatenate(windows).tolist()) == list(range(len(shard)))
+    assert len(shard_windows(shard, np.full(12, 100), budget=10 ** 6, seed=1)) == 1
+    samplers = [WindowedBatchSampler(ids, windows, 8, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+    window_of = np.empty(len(shard), int)
+    for k, w in enumerate(windows):
+        window_of[w] = k
+    lengths = set()
+    for epoch in (0, 1, 2):
+        per_rank = [s.rank_batches(epoch) for s in samplers]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(samplers[0])
+        lengths.add(len(per_rank[0]))
+        seen = np.concatenate([b for r in per_rank for b in r])
+        assert len(seen) == len(set(seen.tolist()))
+        for rnd in samplers[0].rounds(epoch):
+            assert len({int(window_of[i]) for b in rnd for i in b}) == 1  # a step reads one window
+    assert len(lengths) == 1
+    assert [b.tolist() for b in samplers[0].rank_batches(1)] != [b.tolist() for b in samplers[0].rank_batches(2)]
