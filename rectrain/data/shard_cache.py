@@ -28,7 +28,7 @@ import urllib.request
 from contextlib import contextmanager
 
 from rectrain.errors import UserError
-from rectrain.runtime.io import is_temporary, temporary_path
+from rectrain.runtime.io import is_temporary, temporary_path, user_cache_dir
 
 __all__ = ["RETRIES", "ShardFetchError", "ShardCache", "read_text", "default_cache_dir"]
 
@@ -43,8 +43,7 @@ class ShardFetchError(OSError):
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rectrain", "shards")
+    return os.path.join(user_cache_dir(), "shards")
 
 
 def _fsspec():

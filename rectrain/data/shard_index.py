@@ -40,7 +40,7 @@ from rectrain.data.scan import DEFAULT_MAX_PIXELS, BadImage, SplitScan, read_siz
 from rectrain.data.shards import (IMAGE_EXTS, LABEL_EXT, ShardLayout, ShardMembers, is_remote, read_classes,
                                   shard_layout, split_key)
 from rectrain.errors import DataMistake, UserError
-from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores
+from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores, user_cache_dir
 
 __all__ = ["INDEX_VERSION", "ShardRows", "index_shard", "shipped_name", "build_index", "write_index", "read_index",
            "scan_shards", "index_fingerprint", "load_index_scan", "index_status"]
@@ -274,8 +274,7 @@ def _candidates(layout: ShardLayout, split: str, cache_dir: str | None, cache) -
             out.append((_fetch_shipped(f"{layout.root}/{shipped_name(split)}", cache), True))
     else:
         out.append((os.path.join(layout.root, shipped_name(split)), True))
-    from rectrain.data.scan import _user_cache_dir
-    for d in ([cache_dir] if cache_dir else []) + [_user_cache_dir()]:
+    for d in ([cache_dir] if cache_dir else []) + [user_cache_dir()]:
         out.append((os.path.join(d, f"shard_index_{split}_{tag}.npz"), False))
     return [(p, beside) for p, beside in out if p]
 
