@@ -234,7 +234,32 @@ def _cut_rounds(groups: list[list[np.ndarray]], r: int, rng: np.random.Generator
     return rounds
 
 
-class DistributedBatchSampler:
+class _DealsRounds:
+    """Rounds of one batch per rank (``rounds(epoch)``, from the subclass) dealt to the ranks: what every
+    distributed training sampler shares. The epoch lives in ``self.batch_sampler``."""
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch that ``__iter__`` yields."""
+        self.batch_sampler.set_epoch(epoch)
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All ranks' batches of the epoch, ``len(self) * num_replicas`` of them: the rounds one after another,
+        so batch i goes to rank ``i % num_replicas``."""
+        return [b for batches in self.rounds(epoch) for b in batches]
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's full list of batches for the epoch (from batch 0)."""
+        return self.global_batches(epoch)[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (b.tolist() for b in self.rank_batches(self.epoch))
+
+
+class DistributedBatchSampler(_DealsRounds):
     """Deals the batches of an AspectRatioBatchSampler to ranks in rounds of one shape, equal counts per rank.
 
     Why rounds: DDP's all-reduce makes every step as slow as its slowest rank. Dealing the shuffled batch
@@ -307,14 +332,6 @@ class DistributedBatchSampler:
             raise ValueError(f"leftovers must be one of {', '.join(LEFTOVER_POLICIES)}, got {leftovers!r}")
         self.leftovers = leftovers
 
-    @property
-    def epoch(self) -> int:
-        return self.batch_sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch that ``__iter__`` yields."""
-        self.batch_sampler.set_epoch(epoch)
-
     def rounds(self, epoch: int) -> list[list[np.ndarray]]:
         """The epoch's steps in order, ``len(self)`` of them: each a list of ``num_replicas`` batches, rank i's
         batch at position i. Pure in (seed, epoch)."""
@@ -332,18 +349,6 @@ class DistributedBatchSampler:
         rounds = _cut_rounds(groups, r, _rng(base.seed, epoch, _LEFTOVER_STREAM))
         order = _rng(base.seed, epoch, _ORDER_STREAM).permutation(len(rounds))
         return [rounds[i] for i in order]
-
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
-        """All ranks' batches of the epoch, ``len(self) * num_replicas`` of them: the rounds one after another,
-        so batch i goes to rank ``i % num_replicas``."""
-        return [b for batches in self.rounds(epoch) for b in batches]
-
-    def rank_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's full list of batches for the epoch (from batch 0)."""
-        return self.global_batches(epoch)[self.rank::self.num_replicas]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (b.tolist() for b in self.rank_batches(self.epoch))
 
     def _policy_steps(self) -> int:
         """Steps per epoch under ``drop`` or ``split`` (bucket counts alone decide them); 0: the policy gives no round
@@ -472,7 +477,7 @@ def shard_windows(shard_of_sample: np.ndarray, shard_bytes: np.ndarray, budget: 
     return [np.flatnonzero(window == k) for k in range(len(groups))]
 
 
-class WindowedBatchSampler:
+class WindowedBatchSampler(_DealsRounds):
     """``DistributedBatchSampler`` window by window, for remote shards kept in a bounded local cache.
 
     A window is a group of shards whose bytes fit half the cache (``shard_windows``: fixed for the run, drawn from
@@ -498,25 +503,9 @@ class WindowedBatchSampler:
             AspectRatioBatchSampler(ids[w], batch_size, seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0])),
             num_replicas, rank, leftovers) for k, w in enumerate(self.windows)]
 
-    @property
-    def epoch(self) -> int:
-        return self.batch_sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
-
     def rounds(self, epoch: int) -> list[list[np.ndarray]]:
         order = _rng(self.seed, epoch, _WINDOW_ORDER_STREAM).permutation(len(self.windows))
         return [[self.windows[k][b] for b in batches] for k in order.tolist() for batches in self.parts[k].rounds(epoch)]
-
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
-        return [b for batches in self.rounds(epoch) for b in batches]
-
-    def rank_batches(self, epoch: int) -> list[np.ndarray]:
-        return self.global_batches(epoch)[self.rank::self.num_replicas]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (b.tolist() for b in self.rank_batches(self.epoch))
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)

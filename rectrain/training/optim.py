@@ -65,7 +65,32 @@ def _trust_ratios(w_norms: list[torch.Tensor], u_norms: list[torch.Tensor], eta:
     return torch.where((w > 0) & (u > 0), eta * w / (u + extra * w + eps), 1.0)
 
 
-class Lars(torch.optim.Optimizer):
+class _LayerwiseOptimizer(torch.optim.Optimizer):
+    """What LARS and LAMB share: a step over each group's parameters that have a gradient, their state created on
+    first use by ``_init_state`` and updated together by ``_update`` (a few foreach calls per group)."""
+
+    @staticmethod
+    def _init_state(p: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _update(group: dict, params: list, grads: list, states: list[dict]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = _with_grads(self, group, self._init_state)
+            if params:
+                self._update(group, params, grads, states)
+        return loss
+
+
+class Lars(_LayerwiseOptimizer):
     """LARS as MLPerf's ResNet-50 reference: per parameter tensor (a layer's weight),
 
         d = lr * trust * (g + wd * w),   trust = eta * ||w|| / (||g|| + wd * ||w|| + eps)  (1 if a norm is 0)
@@ -87,21 +112,14 @@ class Lars(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                                       nesterov=nesterov, trust_ratio=trust_ratio))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = _with_grads(self, group, lambda p: {"momentum_buffer": torch.zeros_like(p)})
-            if params:
-                self._update(group, params, grads, [s["momentum_buffer"] for s in states])
-        return loss
+    @staticmethod
+    def _init_state(p: torch.Tensor) -> dict:
+        return {"momentum_buffer": torch.zeros_like(p)}
 
     @staticmethod
-    def _update(group: dict, params: list, grads: list, bufs: list) -> None:
+    def _update(group: dict, params: list, grads: list, states: list[dict]) -> None:
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        bufs = [s["momentum_buffer"] for s in states]
         # g + wd * w, in new tensors (p.grad is left as the backward pass wrote it)
         d = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
         if group["trust_ratio"]:
@@ -119,7 +137,7 @@ class Lars(torch.optim.Optimizer):
             torch._foreach_sub_(params, bufs)
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(_LayerwiseOptimizer):
     """LAMB (You et al. 2019, Algorithm 2): per parameter tensor, at step t (counted from 1),
 
         m = b1 * m + (1 - b1) * g,   v = b2 * v + (1 - b2) * g^2
@@ -144,18 +162,6 @@ class Lamb(torch.optim.Optimizer):
     def _init_state(p: torch.Tensor) -> dict:
         return {"step_count": torch.zeros((), dtype=torch.float32, device=p.device),
                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = _with_grads(self, group, self._init_state)
-            if params:
-                self._update(group, params, grads, states)
-        return loss
 
     @staticmethod
     def _update(group: dict, params: list, grads: list, states: list[dict]) -> None:

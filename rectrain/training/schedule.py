@@ -26,15 +26,22 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, mi
     Warm-up rises linearly from base_lr/warmup_steps at step 0 to base_lr at step warmup_steps - 1, so
     the first step already moves; then cosine from base_lr down to min_lr at the last step.
     """
+    warm, progress = _warmup_or_progress(step, base_lr, total_steps, warmup_steps)
+    if warm is not None:
+        return warm
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _warmup_or_progress(step: int, base_lr: float, total_steps: int, warmup_steps: int) -> tuple[float | None, float]:
+    """The warm-up every schedule shares: (its rate, 0) during the warm-up, else (None, the decay's progress from 0 at
+    the first step after the warm-up to 1 at the last step). ``step`` is clamped to the run's steps."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     warmup_steps = max(0, min(warmup_steps, total_steps))
     step = min(max(step, 0), total_steps - 1)
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    decay_steps = total_steps - warmup_steps
-    progress = (step - warmup_steps) / max(decay_steps - 1, 1)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+        return base_lr * (step + 1) / warmup_steps, 0.0
+    return None, (step - warmup_steps) / max(total_steps - warmup_steps - 1, 1)
 
 
 def poly_lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
@@ -45,13 +52,9 @@ def poly_lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 
     MLPerf's ResNet-50 reference pairs it with LARS: power 2, end rate 1e-4 (mlcommons/training,
     image_classification/tensorflow2/lars_util.py, ``PolynomialDecayWithWarmup``; its warm-up starts at 0 where
     this one starts at base_lr/warmup_steps, as the cosine's does here)."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    warmup_steps = max(0, min(warmup_steps, total_steps))
-    step = min(max(step, 0), total_steps - 1)
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps - 1, 1)
+    warm, progress = _warmup_or_progress(step, base_lr, total_steps, warmup_steps)
+    if warm is not None:
+        return warm
     return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
 
 
