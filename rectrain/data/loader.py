@@ -141,7 +141,7 @@ class LoaderSettings:
     hflip: float = 0.5
     train_crop: str = "random"            # random | resize
     val_crop: float = 0.875
-    decoder: str = "auto"                 # auto | opencv | pil (the CPU decoder)
+    decoder: str = "auto"                 # auto | turbo | opencv | pil (the CPU decoder)
     decode: str = "cpu"                   # cpu | gpu (resolved: workers decode, or only read the bytes)
     pin_memory: bool = False
     rank: int = 0
