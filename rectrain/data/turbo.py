@@ -185,6 +185,6 @@ def decode_region(data: bytes, denom: int, x: int, y: int, w: int, h: int) -> np
     if lib.tj3SetCroppingRegion(t, _Region(x, y, w, h)) != 0:
         _fail(lib, t, f"cropping region {(x, y, w, h)} at 1/{denom}")
     out = np.empty((h, w, 3), dtype=np.uint8)
-    if lib.tj3Decompress8(t, data, len(data), out.__array_interface__["data"][0], w * 3, _TJPF_RGB) != 0:
+    if lib.tj3Decompress8(t, data, len(data), out.ctypes.data, w * 3, _TJPF_RGB) != 0:
         _fail(lib, t, "decode")
     return out
