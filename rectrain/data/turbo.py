@@ -22,7 +22,8 @@ Facts from that version's turbojpeg.h / turbojpeg.c (checked in the source, not 
 - A warning (a truncated file: "Premature end of JPEG file", grey padding; corrupt data) is not an error unless
   TJPARAM_STOPONWARNING is set; this module sets it, so a warning is a failed decode (``TurboError``) and the
   caller takes its other path, which decides as it always did.
-- One handle per process: a TurboJPEG instance is not thread-safe, and DataLoader workers are forked processes.
+- One handle per process and thread: a TurboJPEG instance is not thread-safe, and DataLoader workers are forked
+  processes (a handle copied by fork is left to the parent).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,23 +142,23 @@ def problem() -> str | None:
     return _problem
 
 
-_handle: tuple[int, int] | None = None  # (pid, tjhandle): a forked worker makes its own
+_local = threading.local()  # .handle: (pid, tjhandle) of this thread; a forked worker makes its own
 
 
 def _tj():
-    global _handle
     lib = _load()
     if lib is None:
         raise TurboError(_problem)
     pid = os.getpid()
-    if _handle is None or _handle[0] != pid:
+    handle = getattr(_local, "handle", None)
+    if handle is None or handle[0] != pid:
         h = lib.tj3Init(_TJINIT_DECOMPRESS)
         if not h:
             raise TurboError("tj3Init failed")
         # A warning (truncated or corrupt data) stops the decode and fails it: never a grey-padded image.
         lib.tj3Set(h, _TJPARAM_STOPONWARNING, 1)
-        _handle = (pid, h)
-    return lib, _handle[1]
+        handle = _local.handle = (pid, h)
+    return lib, handle[1]
 
 
 def _fail(lib, h, what: str):
