@@ -212,11 +212,12 @@ class RectangularCropTfm:
     The box is resized to the output with Pillow's antialiased bilinear filter (upsampling small images), or with
     ``decoder`` turbo/opencv (``auto`` picks the first that works here, see ``resolve_decoder``) by OpenCV's
     bilinear filter at the exact box (area averaging when shrinking 2x or more). Images the chosen decoder cannot
-    take exactly go to the next one (turbo -> opencv -> pil); ``fallbacks`` counts them per process.
+    take exactly go to the next one (turbo -> opencv -> pil); ``fallbacks`` counts them per process, and with
+    ``log_fallbacks`` a note says so at the first and at 10, 100, 1,000... of them.
     """
 
     def __init__(self, train: bool, scale: tuple[float, float] = (0.08, 1.0), hflip: float | bool = 0.5,
-                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random"):
+                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random", log_fallbacks: bool = False):
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
@@ -235,6 +236,7 @@ class RectangularCropTfm:
         self.crop = crop
         self.fallbacks: Counter[str] = Counter()  # images the region decoder handed on, by reason (this process)
         self.region_images = 0                   # images it decoded
+        self.log_fallbacks = log_fallbacks       # say so on stderr (the training loaders do; predict stays quiet)
 
     def box(self, size_hw, out_hw, rng: np.random.Generator | None = None) -> tuple[tuple[float, ...], bool]:
         """Crop box (x0, y0, x1, y1) in the (H, W) image's pixels and whether to flip. Pure given ``rng``."""
@@ -301,6 +303,8 @@ class RectangularCropTfm:
         Printed by the process that decodes (a DataLoader worker: to the console's stderr, not the rank log)."""
         self.fallbacks[reason] += 1
         n = sum(self.fallbacks.values())
+        if not self.log_fallbacks:
+            return
         if n == 1:
             print(f"note: {name}: {reason}{' (' + detail[:200] + ')' if detail else ''}; the region decoder hands "
                   "such images to OpenCV/Pillow (counted per loader process; told again at 10, 100, 1,000... of "

@@ -257,8 +257,11 @@ def test_a_truncated_jpeg_still_raises_naming_the_file(odd_files):
     assert dict(tfm.fallbacks) == {"no end-of-image marker at the end": 1}
 
 
-def test_fallbacks_are_told_once_then_at_powers_of_ten(odd_files, capsys):
-    tfm = RectangularCropTfm(train=False, decoder="turbo")
+def test_fallbacks_are_told_once_then_at_powers_of_ten_by_the_loaders_only(odd_files, capsys):
+    quiet = RectangularCropTfm(train=False, decoder="turbo")  # predict, eval: counted, not told
+    quiet(odd_files["cmyk"], (32, 48), size_hw=(90, 120))
+    assert quiet.fallbacks["CMYK/YCCK JPEG"] == 1 and capsys.readouterr().err == ""
+    tfm = RectangularCropTfm(train=False, decoder="turbo", log_fallbacks=True)  # as the training loaders make it
     for _ in range(12):
         tfm(odd_files["cmyk"], (32, 48), size_hw=(90, 120))
     notes = capsys.readouterr().err.strip().splitlines()
