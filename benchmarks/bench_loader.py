@@ -78,7 +78,7 @@ def main() -> None:
                              LoaderSettings(batch_size=args.batch_size, workers=args.workers, decoder=decoder)).train
 
     from rectrain.data import transforms
-    decoders = ["pil"] + (["opencv"] if transforms.cv2 is not None else [])
+    decoders = ["pil"] + [d for d in ("opencv", "turbo") if transforms.decoder_problem(d) is None]
     torch.set_num_threads(1)
     std_ips = time_loader(std_loader, args.batches, args.warmup)
     our_ips = {d: time_loader(ours(d), args.batches, args.warmup) for d in decoders}

@@ -17,6 +17,7 @@ import functools
 import gc
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -131,6 +132,25 @@ def check_opencv(cfg: TrainConfig) -> Item:
     if cfg.decoder == "opencv":
         return Item("opencv", "fail", "not installed, but --decoder opencv asks for it", f"{fix}, or --decoder auto")
     return Item("opencv", "warn", "not installed: the loader decodes with Pillow, about 1.5-1.8x slower per core", fix)
+
+
+def check_decoder(cfg: TrainConfig) -> Item:
+    """Which JPEG decoder the workers will run (``--decoder``), and how to get the region decoder where it is missing."""
+    from rectrain.data.transforms import decoder_problem, resolve_decoder
+    wheel = sys.platform == "linux" and platform.machine() == "x86_64" and sys.version_info < (3, 14)
+    fix = "pip install turbojpeg" if wheel else None  # its wheels (Linux x86_64, CPython <= 3.13) ship libjpeg-turbo 3
+    if cfg.decoder == "turbo" and decoder_problem("turbo"):
+        return Item("decoder", "fail", f"--decoder turbo cannot be used: {decoder_problem('turbo')}",
+                    f"{fix + ', or ' if fix else ''}--decoder auto")
+    used = resolve_decoder(cfg.decoder)
+    if used == "turbo":
+        return Item("decoder", "pass", "turbo: only each crop's region of a JPEG is decoded (libjpeg-turbo 3); "
+                                       "other files go to OpenCV, then Pillow", None, {"decoder": used})
+    text = {"opencv": "opencv: whole JPEGs are decoded", "pil": "pil: Pillow decodes every image"}[used]
+    if cfg.decoder == "auto" and fix:  # the package's own dependency here: an install that lost it
+        return Item("decoder", "warn", f"{text}; the region decoder is missing ({decoder_problem('turbo')})",
+                    fix, {"decoder": used})
+    return Item("decoder", "pass", text + (" (--decoder)" if cfg.decoder != "auto" else ""), None, {"decoder": used})
 
 
 # -- GPUs -------------------------------------------------------------------------------------------
@@ -657,6 +677,7 @@ def iter_checks(cfg: TrainConfig, *, loader_probe: bool = True,
     yield check_python()
     yield check_torch()
     yield check_opencv(cfg)
+    yield check_decoder(cfg)
     yield check_cuda(state)
     if is_shards(cfg.data_dir):
         yield check_shard_split(state, "train")

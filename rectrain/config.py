@@ -68,8 +68,10 @@ class TrainConfig:
     max_ratio: float = _f(DATA, 2.0, "widest aspect ratio kept (2.0 = 1:2 .. 2:1); wider images are cropped to it")
     crop_scale: tuple[float, float] = _f(DATA, (0.08, 1.0), "random-resized-crop area range, as a fraction of the "
                                          "largest crop of the bucket's ratio (Inception's and torchvision's range)")
-    decoder: str = _f(DATA, "auto", "JPEG decoder in the workers: auto (OpenCV when installed, else Pillow), "
-                                    "opencv or pil", choices=["auto", "opencv", "pil"])
+    decoder: str = _f(DATA, "auto", "JPEG decoder in the workers: turbo (decodes only the crop's region: "
+                                    "libjpeg-turbo 3 from the turbojpeg package), opencv (the whole JPEG), pil, or "
+                                    "auto (the first of these installed); files one cannot take go to the next",
+                      choices=["auto", "turbo", "opencv", "pil"])
     hflip: float = _f(DATA, 0.5, "probability of a horizontal flip per training image; 0 turns flipping off "
                                  "(digits, text, many medical or industrial images are not mirror-symmetric)")
     train_crop: str = _f(DATA, "random", "per-image training crop: random (random-resized crop keeping the bucket's "

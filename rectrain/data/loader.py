@@ -145,7 +145,7 @@ class LoaderSettings:
     hflip: float = 0.5
     train_crop: str = "random"            # random | resize
     val_crop: float = 0.875
-    decoder: str = "auto"                 # auto | opencv | pil (the CPU decoder)
+    decoder: str = "auto"                 # auto | turbo | opencv | pil (the CPU decoder)
     decode: str = "cpu"                   # cpu | gpu (resolved: workers decode, or only read the bytes)
     pin_memory: bool = False
     rank: int = 0
@@ -188,7 +188,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     the file bytes and the crop geometry only (``rectrain.data.gpu_decode``); batches are then decoded on the device."""
     s = settings
     train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(s.crop_scale), hflip=s.hflip, crop=s.train_crop,
-                                               decoder=s.decoder), s.decode)
+                                               decoder=s.decoder, log_fallbacks=True), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
     sampler = _windowed(train_scan, val_scan, train_set.bucket_ids, s)
     if sampler is None:
@@ -252,7 +252,7 @@ def _loader_kw(s: LoaderSettings) -> dict:
 def build_val_loader(val_scan: SplitScan, buckets: BucketTable, settings: LoaderSettings):
     """Deterministic centre crops, batches grouped by bucket, every image once across ranks -> (loader, dataset)."""
     s = settings
-    tfm = RectangularCropTfm(train=False, val_crop=s.val_crop, decoder=s.decoder)
+    tfm = RectangularCropTfm(train=False, val_crop=s.val_crop, decoder=s.decoder, log_fallbacks=True)
     val_set = BucketDataset(val_scan, buckets, _for_decode(tfm, s.decode), seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, s.val_batch, num_replicas=s.world_size, rank=s.rank)
     keyed = [[(int(i), 0) for i in b] for b in vs]

@@ -54,7 +54,7 @@ def test_good_layout_passes_with_exit_0(data, tmp_path, capsys):
     rc, out = _cli(data, tmp_path, capsys)
     assert rc == 0, out
     assert "0 failure(s)" in out and "ready to train" in out
-    for name in ("python", "pytorch", "opencv", "cuda", "train data", "val data", "empty classes", "train cache",
+    for name in ("python", "pytorch", "opencv", "decoder", "cuda", "train data", "val data", "empty classes", "train cache",
                  "disk", "output", "gpu memory", "loader"):
         assert f"] {name} " in out
     assert "24 images in 3 classes (8 per class)" in out
@@ -63,7 +63,7 @@ def test_good_layout_passes_with_exit_0(data, tmp_path, capsys):
 def test_json_output_is_one_list_of_items(data, tmp_path, capsys):
     rc, out = _cli(data, tmp_path, capsys, "--json")
     items = json.loads(out)
-    assert rc == 0 and isinstance(items, list) and len(items) == 14
+    assert rc == 0 and isinstance(items, list) and len(items) == 15
     for item in items:
         assert set(item) == {"name", "status", "message", "fix", "details"}
         assert item["status"] in ("pass", "warn", "fail", "skip")

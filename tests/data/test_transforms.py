@@ -333,7 +333,7 @@ def test_opencv_path_uses_reduced_dct_decoding_for_small_crops(files, monkeypatc
 
 def test_unknown_decoder_is_rejected():
     with pytest.raises(ValueError, match="decoder"):
-        RectangularCropTfm(train=True, decoder="turbo")
+        RectangularCropTfm(train=True, decoder="nvjpeg")
 
 
 def test_exif_rotated_tiff_is_rotated_once(tmp_path):

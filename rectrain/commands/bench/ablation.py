@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated rows among "
                                                                           + ", ".join(r.name for r in ROWS))
     p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16", help="autocast dtype of the AMP rows")
-    p.add_argument("--decoder", choices=["auto", "opencv", "pil"], default="auto", help="our loader's JPEG decoder")
+    p.add_argument("--decoder", choices=["auto", "turbo", "opencv", "pil"], default="auto", help="our loader's JPEG decoder")
     p.add_argument("--seed", type=int, default=0, help="batch order, crops, augmentations, weights")
     p.add_argument("--partial", default=None, metavar="FILE", help="append each measured row to FILE as a JSON line")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batches to skip before timing (default: 4 per worker + 2, i.e. worker start-up and the "
                         "batches the workers prefetched, which would otherwise inflate the figure)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--decoder", choices=["auto", "opencv", "pil"], default="auto", help="JPEG decoder in the workers")
+    p.add_argument("--decoder", choices=["auto", "turbo", "opencv", "pil"], default="auto", help="JPEG decoder in the workers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
