@@ -49,7 +49,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 from rectrain.data.buckets import make_buckets  # noqa: E402
-from rectrain.data.scan import SplitScan, scan_split  # noqa: E402
+from rectrain.data.scan import SplitScan  # noqa: E402
+from rectrain.data.source import scan_split
 from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RectangularCropTfm  # noqa: E402
 from rectrain.inference import inference_buckets, restore  # noqa: E402
 from rectrain.model import build_model, param_groups  # noqa: E402

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         print(json.dumps({"skipped": line}) if args.json else line)
         return 0
     from rectrain.data.buckets import make_buckets
-    from rectrain.data.scan import scan_split
+    from rectrain.data.source import scan_split
     from rectrain.data.workers import cap_workers
     from rectrain.runtime.io import usable_cores
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rectrain.commands.bench.standard import StandardDataset, standard_transform  # noqa: E402
 from rectrain.data.buckets import make_buckets  # noqa: E402
 from rectrain.data.loader import LoaderSettings, build_loaders  # noqa: E402
-from rectrain.data.scan import scan_split  # noqa: E402
+from rectrain.data.source import scan_split  # noqa: E402
 
 
 def time_loader(loader, batches: int, warmup: int) -> float:

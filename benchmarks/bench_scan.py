@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from rectrain.data import scan as arscan
 from rectrain.data import synth
 from rectrain.data.index import list_files
-from rectrain.data.scan import _read_chunk, _read_sizes, scan_split
+from rectrain.data.scan import _read_chunk, _read_sizes
+from rectrain.data.source import scan_split
 from rectrain.runtime.io import usable_cores
 
 

@@ -85,7 +85,7 @@ def make_shards(root: str, images: int) -> str:
 ROLE = r"""
 import os, sys
 sys.path.insert(0, {root!r})
-from rectrain.data.scan import load_scan, scan_split
+from rectrain.data.source import load_scan, scan_split
 role, data, run_dir = {role!r}, {data!r}, {run_dir!r}
 if role != "rank0":
     ref = scan_split(data, "train", cache_dir=run_dir)  # rank 0's answer, broadcast in a real run (not traced)

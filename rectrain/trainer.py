@@ -29,7 +29,8 @@ from rectrain.data.failures import DecodeFailurePolicy
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
-from rectrain.data.scan import SplitScan, data_notes, load_scan, scan_split
+from rectrain.data.scan import SplitScan, data_notes
+from rectrain.data.source import load_scan, scan_split
 from rectrain.data.shards import split_exists
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError

@@ -12,7 +12,7 @@ from rectrain.cli import main as cli_main
 from rectrain.config import resolve_config
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.synth import make_synthetic
 from rectrain.training.checkpoint import load as load_ckpt
 from tests.tiny import TINY

@@ -143,29 +143,13 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(data_dir, tmp_path, caps
     assert load_ckpt(last)["epoch"] == 2
 
 
-def test_two_process_gloo_run_keeps_replicas_identical_and_eval_agrees(data_dir, tmp_path, capfd):
-    assert run(data_dir, tmp_path, "--epochs", "1", "--nproc", "2", "--dist_port", free_port(), name="ddp") == 0
-    digests = [re.findall(r"final weights sha1 (\w+)", (tmp_path / f"ddp/logs/rank{r}.log").read_text())
-               for r in (0, 1)]
-    assert digests[0] and digests[0] == digests[1]
-    # The 2-process run's validation must equal a 1-process evaluation of the same weights.
-    ckpt = str(tmp_path / "ddp/checkpoints/last.pth")
-    capfd.readouterr()
-    assert cli_main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--workers", "0", "--batch_size", "4",
-                     "--json"]) == 0
-    single = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
-    row = json.loads((tmp_path / "ddp/metrics.jsonl").read_text().splitlines()[0])
-    assert single["val_images"] == 15
-    # eval --json rounds to 6 decimals (JSON_DECIMALS); 15 images give accuracies like 53.333...
-    assert (row["val_acc1"], row["val_acc5"]) == pytest.approx((single["val_acc1"], single["val_acc5"]), abs=1e-6)
-    assert row["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
-
-
-def test_split_leftovers_under_two_gloo_processes_stop_mid_epoch_and_resume_with_identical_replicas(data_dir, tmp_path):
-    """The non-default leftover policy in a real 2-process run: every step one shape, the leftovers cut into smaller
-    batches (4 steps per epoch on this data, where mix has 3); stopped mid-epoch by --max_steps and resumed to the end.
+def test_two_process_gloo_run_under_split_leftovers_resumes_with_identical_replicas_and_eval_agrees(data_dir, tmp_path,
+                                                                                                      capfd):
+    """A real 2-process run with the non-default leftover policy: every step one shape, the leftovers cut into
+    smaller batches (4 steps per epoch on this data, where mix has 3); stopped mid-epoch by --max_steps and resumed to
+    the end, with bit-identical replicas, and its validation equal to a 1-process evaluation of the same weights.
     (That a resumed rank reads exactly the rest of its epoch is checked image by image in tests/data/test_loader.py;
-    with one process every policy deals the same batches.)"""
+    with one process every policy deals the same batches; the default policy runs 2 processes in tests/faults.)"""
     ddp = ("--epochs", "1", "--nproc", "2", "--ddp_leftovers", "split")
     assert run(data_dir, tmp_path, *ddp, "--dist_port", free_port(), "--max_steps", "2", name="split") == 0
     ck = load_ckpt(tmp_path / "split/checkpoints/last.pth")
@@ -177,7 +161,17 @@ def test_split_leftovers_under_two_gloo_processes_stop_mid_epoch_and_resume_with
     digests = [re.findall(r"final weights sha1 (\w+)", log) for log in logs]
     # Logged at the stop (BatchNorm buffers still per rank mid-epoch) and at the end (averaged: identical replicas).
     assert len(digests[0]) == len(digests[1]) == 2 and digests[0][-1] == digests[1][-1]
-    assert load_ckpt(tmp_path / "split/checkpoints/last.pth")["step"] == 4
+    ckpt = str(tmp_path / "split/checkpoints/last.pth")
+    assert load_ckpt(ckpt)["step"] == 4
+    capfd.readouterr()
+    assert cli_main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--workers", "0", "--batch_size", "4",
+                     "--json"]) == 0
+    single = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    row = json.loads((tmp_path / "split/metrics.jsonl").read_text().splitlines()[0])
+    assert single["val_images"] == 15
+    # eval --json rounds to 6 decimals (JSON_DECIMALS); 15 images give accuracies like 53.333...
+    assert (row["val_acc1"], row["val_acc5"]) == pytest.approx((single["val_acc1"], single["val_acc5"]), abs=1e-6)
+    assert row["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
 
 
 def test_existing_run_is_never_overwritten_without_resume(data_dir, tmp_path, capsys):
@@ -200,7 +194,7 @@ def test_empty_data_dir_is_one_clear_line(tmp_path, capsys):
 def test_decode_failures_past_the_limit_stop_with_a_clear_message(tmp_path, capsys):
     data = tmp_path / "data"
     make_synthetic(str(data), classes=2, train_per_class=10, val_per_class=2, kind="tiny", seed=2)
-    from rectrain.data.scan import scan_split
+    from rectrain.data.source import scan_split
     scan = scan_split(str(data), "train")
     for rel in scan.index.paths:  # every file now fails to decode, yet the cached scan still lists it
         path = os.path.join(scan.index.split_dir, str(rel))

@@ -78,7 +78,7 @@ def _eval_worker(args, data_dir: str, info) -> int:
     import torch
 
     from rectrain.data.loader import LoaderSettings, build_val_loader
-    from rectrain.data.scan import scan_split
+    from rectrain.data.source import scan_split
     from rectrain.data.workers import cap_workers
     from rectrain.inference import inference_autocast, inference_buckets, restore
     from rectrain.runtime.distributed import all_reduce_sum

@@ -10,7 +10,8 @@ import numpy as np
 from rectrain.data.buckets import RECT_MODES, make_buckets
 from rectrain.data.index import class_names, describe_skipped
 from rectrain.data.samplers import AspectRatioBatchSampler
-from rectrain.data.scan import DEFAULT_MAX_PIXELS, SplitScan, data_notes, scan_split
+from rectrain.data.scan import DEFAULT_MAX_PIXELS, SplitScan, data_notes
+from rectrain.data.source import scan_split
 from rectrain.data.shards import is_shards, split_exists
 from rectrain.errors import UserError
 

@@ -43,7 +43,7 @@ from rectrain.errors import UserError
 from rectrain.runtime.io import atomic_file, pool_map, process_pool, usable_cores, user_cache_dir
 
 __all__ = ["DEFAULT_MAX_PIXELS", "FORMAT_VERSION", "TINY_SIDE", "BadImage", "SplitScan", "CacheStatus", "data_notes",
-           "read_size", "read_size_bytes", "scan_split", "load_scan", "cache_status", "cache_name"]
+           "read_size", "read_size_bytes", "scan_folder", "load_folder_scan", "cache_status", "cache_name"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb warning limit (~ 13,377 x 13,377)
 FORMAT_VERSION = 2  # of the cache file; bump when its contents or the scan's rules change
@@ -319,23 +319,15 @@ def _fresh_scan(files: FileList, max_pixels: int, workers: int | None, progress:
     return index, sizes[ok], [(str(files.index.paths[i]), reason) for i, reason in bad], ok
 
 
-def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
-               workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               progress: bool = False, shard_cache=None) -> SplitScan:
-    """Index ``data_dir/split``, read every image's upright size (or reuse the cache) and report bad files.
-
-    ``data_dir`` may also name tar shards (``rectrain.data.shards``): their index is then read or built
-    (``rectrain.data.shard_index.scan_shards``; ``shard_cache``: where remote shards are kept).
+def scan_folder(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
+                workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> SplitScan:
+    """Index the image folder ``data_dir/split``, read every image's upright size (or reuse the cache) and report
+    bad files. (``rectrain.data.source.scan_split`` takes tar shards too: callers ask there.)
 
     ``classes``: train's class map when scanning val (see ``rectrain.data.index.build_index``).
     ``cache_dir``: where to keep the cache when ``data_dir`` is not writable (e.g. the run's folder).
     ``workers``: processes for a fresh scan (None: one per usable core; small scans run inline).
     """
-    from rectrain.data.shards import is_shards
-    if is_shards(data_dir):  # tar shards: their index plays the cache's part
-        from rectrain.data.shard_index import scan_shards
-        return scan_shards(data_dir, split, classes, cache_dir=cache_dir, workers=workers, max_pixels=max_pixels,
-                           progress=progress, shard_cache=shard_cache)
     t0 = time.perf_counter()
     if max_pixels < 1:
         raise UserError(f"--max_pixels must be positive, got {max_pixels}")
@@ -353,15 +345,10 @@ def scan_split(data_dir: str, split: str, classes: list[str] | None = None, *, c
     return scan
 
 
-def load_scan(path: str, fp: str, data_dir: str, split: str, classes: list[str] | None = None,
-              shard_cache=None) -> SplitScan | None:
-    """The scan that another process (rank 0) wrote to the cache file ``path`` with fingerprint ``fp``, read without
-    listing or stat'ing the dataset; None when the file is not (or no longer) that one. Its ``skipped`` counts are
-    not stored: rank 0 reports them."""
-    from rectrain.data.shards import is_shards
-    if is_shards(data_dir):
-        from rectrain.data.shard_index import load_index_scan
-        return load_index_scan(path, fp, data_dir, split, shard_cache, classes)
+def load_folder_scan(path: str, fp: str, data_dir: str, split: str, classes: list[str] | None = None) -> SplitScan | None:
+    """The scan of an image folder that another process (rank 0) wrote to the cache file ``path`` with fingerprint
+    ``fp``, read without listing or stat'ing the dataset; None when the file is not (or no longer) that one. Its
+    ``skipped`` counts are not stored: rank 0 reports them."""
     t0 = time.perf_counter()
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -390,10 +377,10 @@ class CacheStatus:
 
 def cache_status(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, files: FileList | None = None) -> CacheStatus:
-    """Is there a cache that ``scan_split`` (same arguments) would use? Walks the split, reads no image.
+    """Is there a cache that ``scan_folder`` (same arguments) would use? Walks the split, reads no image.
 
     ``files``: the split's ``list_files`` result when the caller has one (saves a second walk).
-    A layout problem raises ``UserError`` as ``scan_split`` would.
+    A layout problem raises ``UserError`` as ``scan_folder`` would.
     """
     t0 = time.perf_counter()
     files = list_files(data_dir, split, classes) if files is None else files

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import http.client
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from rectrain.errors import UserError
 from rectrain.runtime.io import is_temporary, temporary_path, user_cache_dir
 
-__all__ = ["RETRIES", "ShardFetchError", "ShardCache", "read_text", "default_cache_dir"]
+__all__ = ["RETRIES", "ShardFetchError", "ShardCache", "is_remote", "read_text", "default_cache_dir"]
 
 RETRIES = 3  # attempts per shard after the first
 RETRY_PAUSE_S = 0.5  # doubled after each failed attempt
@@ -67,7 +68,7 @@ def _open_url(url: str, start: int = 0):
 def read_text(location: str, missing_ok: bool = False) -> str | None:
     """A small text file (a shard list, classes.json) from a path or URL; None when absent and ``missing_ok``."""
     try:
-        if not _is_url(location):
+        if not is_remote(location):
             path = location[len("file://"):] if location.startswith("file://") else location
             with open(path, encoding="utf-8") as f:
                 return f.read()
@@ -88,9 +89,12 @@ def read_text(location: str, missing_ok: bool = False) -> str | None:
         raise UserError(f"cannot read {location}: {getattr(e, 'reason', None) or e}") from None
 
 
-def _is_url(location: str) -> bool:
-    from rectrain.data.shards import is_remote
-    return is_remote(location)
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_remote(location: str) -> bool:
+    """A URL (``https://``, ``s3://``, ...), not a local path (``file://`` counts as local)."""
+    return bool(_SCHEME.match(location)) and not location.startswith("file://")
 
 
 class ShardCache:

@@ -295,7 +295,7 @@ def _writable_place(candidates: list[tuple[str, bool]], remote: bool) -> list[st
 def scan_shards(data_dir: str, split: str, classes: list[str] | None = None, *, cache_dir: str | None = None,
                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
                 shard_cache=None) -> SplitScan:
-    """``rectrain.data.scan.scan_split`` for shards: the split's samples with their upright sizes, from the index
+    """``rectrain.data.source.scan_split`` for shards: the split's samples with their upright sizes, from the index
     (built or refreshed when needed) -> a ``SplitScan`` whose index reads members (``ImageIndex.members``).
 
     ``classes``: train's class names when indexing val (labels are positions in it); None for train: the

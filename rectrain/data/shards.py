@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rectrain.data.shard_cache import is_remote, read_text  # is_remote: also this module's, for its callers
 from rectrain.errors import DataMistake, UserError
 
 __all__ = ["SPLIT_NAMES", "CLASSES_FILE", "IMAGE_EXTS", "ShardLayout", "ShardMembers", "MemberReader",
@@ -55,13 +56,7 @@ SPLIT_NAMES = ("train", "val")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 LABEL_EXT = "cls"
 SPARE_FILES = 256  # descriptors left for everything else a process opens (sockets, shared memory, logs)
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key = path to the first dot
-
-
-def is_remote(location: str) -> bool:
-    """A URL (``https://``, ``s3://``, ...), not a local path (``file://`` counts as local)."""
-    return bool(_SCHEME.match(location)) and not location.startswith("file://")
 
 
 def _local(location: str) -> str:
@@ -167,7 +162,6 @@ class ShardLayout:
 
 
 def _list_file(path: str) -> list[str]:
-    from rectrain.data.shard_cache import read_text
     text = read_text(path)
     base = path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(_local(path)))
     out = []
@@ -244,7 +238,6 @@ def split_exists(data_dir: str, split: str) -> bool:
 
 def read_classes(layout: ShardLayout) -> list[str] | None:
     """The class names of ``classes.json`` beside the shards (a JSON list of strings), or None when there is none."""
-    from rectrain.data.shard_cache import read_text
     path = f"{layout.root}/{CLASSES_FILE}" if is_remote(layout.root) else os.path.join(layout.root, CLASSES_FILE)
     try:
         text = read_text(path, missing_ok=True)

@@ -14,7 +14,7 @@ from rectrain import checklist as check
 from rectrain.cli import main
 from rectrain.commands import check as check_cmd
 from rectrain.config import resolve_config
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.synth import make_synthetic
 
 FAST = ["--arch", "resnet18", "--width", "8", "--batch_size", "4", "--epochs", "3", "--workers", "1"]

@@ -14,7 +14,7 @@ from rectrain.cli import main as cli_main
 from rectrain.commands.eval import per_class_lines
 from rectrain.config import TrainConfig
 from rectrain.data.loader import LoaderSettings, build_val_loader
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.transforms import RectangularCropTfm
 from rectrain.inference import inference_buckets, restore
 from rectrain.training.checkpoint import load as load_ckpt

@@ -303,7 +303,7 @@ def test_batches_cross_worker_processes_and_match_the_cpu_loader(tmp_path):
     """The real DataLoader: workers read bytes, ``collate_encoded`` ships them, ``decoded`` decodes them."""
     from rectrain.data.buckets import make_buckets
     from rectrain.data.loader import BucketDataset, collate
-    from rectrain.data.scan import scan_split
+    from rectrain.data.source import scan_split
     from rectrain.data.synth import make_synthetic
 
     make_synthetic(str(tmp_path), classes=2, train_per_class=4, val_per_class=0, kind="tiny", workers=1)

@@ -5,7 +5,7 @@ import torch
 
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.synth import make_synthetic
 from rectrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rectrain.data.workers import cap_workers

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rectrain.cli import main
 from rectrain.data.prepare import BAD_FILES, LEGACY_TMP_SUFFIX, SETTINGS, output_size, prepare_dataset
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.synth import make_synthetic
 from rectrain.data.transforms import RectangularCropTfm, open_rgb
 from rectrain.runtime.io import is_temporary, temporary_path

@@ -19,7 +19,7 @@ from rectrain.config import TrainConfig
 from rectrain.data import exif, transforms, turbo
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.transforms import DecodeError, RectangularCropTfm
 from rectrain.errors import UserError
 

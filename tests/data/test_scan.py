@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 from rectrain.cli import main
 from rectrain.commands import scan as scan_cmd
 from rectrain.data import scan as arscan
-from rectrain.data.scan import BadImage, read_size, scan_split
+from rectrain.data.scan import BadImage, read_size
+from rectrain.data.source import scan_split
 
 
 def _img(path, wh=(40, 30), fmt=None, **save):

@@ -14,7 +14,7 @@ from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
 from rectrain.data.prepare_shards import prepare_shards
 from rectrain.data.samplers import WindowedBatchSampler
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.shard_cache import ShardCache
 from rectrain.errors import UserError
 from rectrain.runtime.io import is_temporary

@@ -18,7 +18,7 @@ from rectrain.data import prepare_shards as ps
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
 from rectrain.data.prepare_shards import folder_keys, parse_size, prepare_shards
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.shards import expand_braces, shard_layout, split_key
 from rectrain.training.checkpoint import load as load_ckpt
 from tests.tiny import TINY, make_tiny_data
@@ -304,7 +304,7 @@ def test_two_processes_under_gloo_train_identical_replicas_and_rank_1_reads_rank
 
 
 def test_another_rank_loads_the_folder_scan_without_listing_it(folder, monkeypatch):
-    from rectrain.data.scan import load_scan
+    from rectrain.data.source import load_scan
     ref = scan_split(folder, "train")
     touched, real_scandir, real_stat = [], os.scandir, os.stat
 

@@ -179,7 +179,7 @@ def test_the_curves_plot_on_a_full_disk_is_skipped_with_a_warning(full_disk, cap
 
 
 def test_the_scan_cache_on_a_full_disk_goes_to_the_next_place(full_disk, tmp_path):
-    from rectrain.data.scan import scan_split
+    from rectrain.data.source import scan_split
     from rectrain.data.synth import make_synthetic
     mount, fill = full_disk
     make_synthetic(str(mount / "data"), classes=2, train_per_class=4, val_per_class=0, kind="tiny", seed=0)

@@ -51,7 +51,8 @@ from rectrain.data import gpu_decode as gd
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import BucketDataset, collate
 from rectrain.data.samplers import AspectRatioBatchSampler
-from rectrain.data.scan import SplitScan, scan_split
+from rectrain.data.scan import SplitScan
+from rectrain.data.source import scan_split
 from rectrain.data.transforms import RectangularCropTfm
 from rectrain.errors import UserError
 from rectrain.model import ARCHS

@@ -17,7 +17,7 @@ from rectrain.commands.bench import BENCHES
 from rectrain.commands.bench.common import cpu_cores
 from rectrain.data.buckets import RECT_MODES, make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.errors import UserError
 
 HELP = BENCHES["loader"]

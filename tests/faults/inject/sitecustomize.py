@@ -196,7 +196,7 @@ def _patch_builtins_open() -> None:
     builtins.open = open
 
 
-_PATCHES = {"rectrain.training.losses": _patch_losses, "rectrain.data.scan": _patch_arscan,
+_PATCHES = {"rectrain.training.losses": _patch_losses, "rectrain.data.source": _patch_arscan,
             "rectrain.data.transforms": _patch_transforms, "torch": _patch_torch}
 
 
