@@ -66,7 +66,7 @@ PHOTOS = {  # package -> its photographs (colour, everyday scenes), as files ins
     "sklearn": ["datasets/images/china.jpg", "datasets/images/flower.jpg"],
     "matplotlib": ["mpl-data/sample_data/grace_hopper.jpg"],
 }
-# The loader's decoders and the region decoder with libjpeg-turbo's speed flags: name -> RectangularCropTfm(turbo_flags=)
+# The loader's decoders, and the region decoder with libjpeg-turbo's speed flags: name -> its turbo_flags
 VARIANTS = {"opencv": (), "turbo": (), "turbo+up": ("fast_upsample",), "turbo+dct": ("fast_dct",),
             "turbo+both": ("fast_upsample", "fast_dct")}
 # (W, H) of the generated images and how often: ImageNet's common shapes (most are 500 on the long side, 4:3)
@@ -290,9 +290,9 @@ def main() -> None:
     rest = sum(parts[k] for k in ("the region (TurboJPEG)", "resampling + flip (_finish)", "read the file",
                                   "the sample's rng + box")) - floor
     call = parts["the loader's call"]
-    print(f"3x the standard leaves {budget:,.0f} µs per image; the decode's fixed cost and the entropy decoding down to "
-          f"the region's bottom take {floor:,.0f} of them, the region's own pixels, the resampling, the file and the "
-          f"box another {rest:,.0f} (sum {floor + rest:,.0f}; the loader's call as measured: {call:,.0f})")
+    print(f"3x the standard leaves {budget:,.0f} µs per image; the decode's fixed cost and the entropy decoding "
+          f"down to the region's bottom take {floor:,.0f} of them, the region's own pixels, the resampling, the file "
+          f"and the box another {rest:,.0f} (sum {floor + rest:,.0f}; the loader's call as measured: {call:,.0f})")
 
 
 if __name__ == "__main__":

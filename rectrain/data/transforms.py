@@ -47,7 +47,7 @@ _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 DECODERS = ("auto", "turbo", "opencv", "pil")  # auto: the first of turbo, opencv, pil that works here
 CROPS = ("random", "resize")  # train crop: random-resized crop, or the whole image resized (the seed's)
-TURBO_FLAGS = ("fast_upsample", "fast_dct")  # libjpeg-turbo's TJPARAM_FASTUPSAMPLE, TJPARAM_FASTDCT (rectrain.data.turbo)
+TURBO_FLAGS = ("fast_upsample", "fast_dct")  # libjpeg-turbo's TJPARAM_FASTUPSAMPLE, _FASTDCT (rectrain.data.turbo)
 
 try:  # optional: OpenCV decodes JPEGs about 2x faster than Pillow here and resizes with SIMD
     import cv2
@@ -239,9 +239,10 @@ class RectangularCropTfm:
         self.fallbacks: Counter[str] = Counter()  # images the region decoder handed on, by reason (this process)
         self.region_images = 0                   # images it decoded
         self.log_fallbacks = log_fallbacks       # say so on stderr (the training loaders do; predict stays quiet)
-        # libjpeg-turbo's speed flags for the region decoder, off by default: FASTDCT crops ~0.75 grey levels further
-        # from the exact crop (over the 1-level goal with today's 0.26), FASTUPSAMPLE ~0.5 for no measurable speed
-        # (docs/benchmarks.md; benchmarks/bench_region_decode.py measures both). Only the benchmark sets them.
+        # libjpeg-turbo's speed flags for the region decoder, off by default: measured on real photos they buy no
+        # speed (-5% to +7% from run to run), and FASTDCT puts crops ~1.03 grey levels from the exact crop (over the
+        # 1-level goal), FASTUPSAMPLE ~0.78 (docs/benchmarks.md, benchmarks/bench_region_decode.py, the only caller
+        # that sets them).
         unknown = set(turbo_flags) - set(TURBO_FLAGS)
         if unknown:
             raise ValueError(f"turbo_flags are among {TURBO_FLAGS}, got {sorted(unknown)}")

@@ -25,16 +25,18 @@ Facts from that version's turbojpeg.h / turbojpeg.c (checked in the source, not 
 - One handle per process and thread: a TurboJPEG instance is not thread-safe, and DataLoader workers are forked
   processes (a handle copied by fork is left to the parent).
 
-The speed flags (``decode_region(fast_upsample=, fast_dct=)``, TJPARAM_FASTUPSAMPLE 9 and TJPARAM_FASTDCT 10 in
-turbojpeg.h) are off by default, as in the decoders this one is compared with: FFCV's ``imdecode`` (libffcv/libffcv.cpp)
-passes TJFLAG_FASTDCT only; DALI's libjpeg-turbo CPU decoder (dali/imgcodec/decoders/libjpeg_turbo.cc) and
-nvImageCodec's plugin keep fancy upsampling and the accurate IDCT unless asked (their ``fast_idct`` option); Pillow,
-and so torchvision on PIL images, switches both to fast only in ``draft`` mode (src/libImaging/JpegDecode.c).
-Measured on real photos (``benchmarks/bench_region_decode.py``, docs/benchmarks.md): FASTDCT moves a crop ~0.8 grey
-levels further from the exact crop (over the 1-level goal) for a few per cent; FASTUPSAMPLE ~0.5 levels for nothing
-measurable. And in this library version fast upsampling (libjpeg's merged upsampler) meets a use-after-free in
-``jpeg_skip_scanlines`` when the handle decoded an image without it before (fixed in libjpeg-turbo 3.1.2, commit
-f158143e; here it gave "Corrupt JPEG data" warnings and a segfault), so a fast-upsampling decode gets a handle of its own.
+The speed flags (``decode_region(fast_upsample=, fast_dct=)``: TJPARAM_FASTUPSAMPLE 9 and TJPARAM_FASTDCT 10 in
+turbojpeg.h) are off by default. Elsewhere: FFCV's ``imdecode`` (libffcv/libffcv.cpp) passes TJFLAG_FASTDCT and keeps
+fancy upsampling; DALI's libjpeg-turbo CPU decoder (dali/imgcodec/decoders/libjpeg_turbo.cc) and nvImageCodec's plugin
+keep both off unless asked (their ``fast_idct`` option); Pillow, and so torchvision on PIL images, turns both on only
+in ``draft`` mode (src/libImaging/JpegDecode.c). Measured on real photos (``benchmarks/bench_region_decode.py``,
+docs/benchmarks.md), neither buys speed here: 5% slower to 7% faster than the default from run to run (the rows'
+entropy decoding, which no flag touches, is most of a region decode; turbojpeg.h itself says the two IDCTs perform
+alike on AVX2 CPUs), while FASTDCT puts crops ~1.03 grey levels from the exact crop (over the 1-level goal; default
+0.26-0.31) and FASTUPSAMPLE ~0.78. And in this library version fast upsampling (libjpeg's merged upsampler) meets a
+use-after-free in ``jpeg_skip_scanlines`` when the handle decoded an image without it before (fixed in libjpeg-turbo
+3.1.2, commit f158143e; on the benchmark's set it segfaulted 5 runs of 5, and gave "Corrupt JPEG data" warnings), so
+a fast-upsampling decode gets a handle of its own.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def problem() -> str | None:
     return _problem
 
 
-_local = threading.local()  # .handle: [pid, tjhandle, speed flags set on it] of this thread; a forked worker makes its own
+# .handle: [pid, tjhandle, the speed flags set on it] of this thread; a forked worker makes its own
+_local = threading.local()
 
 
 def _new_handle(lib):
