@@ -9,7 +9,9 @@ per-core rate even when other jobs compete for it (the wall-clock rate is printe
       decode, crop, Pillow's antialiased bilinear resize, flip), output uint8 (224, 224, 3), no float conversion;
   (b) rectrain's OpenCV path (``--decoder opencv``): whole-image decode (DCT-reduced when the crop allows),
       OpenCV resize of the crop box;
-  (c) rectrain's region decoder (``--decoder turbo``): only the crop's region of the JPEG is decoded.
+  (c) rectrain's region decoder (``--decoder turbo``): only the crop's region of the JPEG is decoded;
+  (c) with libjpeg-turbo's speed flags, one and both: TJPARAM_FASTUPSAMPLE (no fancy chroma upsampling) and
+      TJPARAM_FASTDCT (the fast integer IDCT) -- off in the loader (``RectangularCropTfm(turbo_flags=)`` sets them).
 
 (b) and (c) crop to the bucket shapes of ``--target_size`` in ``short_side`` and in ``area`` mode, with the boxes
 that training draws (``RectangularCropTfm.box``, from the per-sample rng). For each, the mean absolute difference
@@ -18,10 +20,13 @@ whose libjpeg decodes as OpenCV's and TurboJPEG's) and resampled in float64 by t
 (bilinear at the exact sample positions below a 2x shrink, area averaging over the exact footprint at 2x or more).
 The standard has no such figure: it is a full decode by definition.
 
-Then where a region decode's time goes, per image (CPU µs, TurboJPEG alone): the whole image; a 16-pixel-wide strip
-of every row (libjpeg must entropy-decode every row above and beside a region, only the rows below it are skipped,
-so this is the cost no crop reaching the bottom can avoid); and ``_region_crop`` as the loader runs it (header,
-region decode, resampling) on the benchmark's short_side crops.
+Then where a region crop's time goes, per image (CPU µs), on the short_side crops with the default flags, each part
+timed alone: TurboJPEG's whole-image decode; a 16-pixel-wide strip of every row (libjpeg must entropy-decode every
+row above and beside a region, only the rows below it are skipped); the budget a region crop must fit to reach 3x the
+standard, and the parts it is made of: the header and a 16x16 corner (the fixed cost of a decode), a 16-pixel strip
+down to the region's bottom row (the entropy decoding no region decode avoids), the region itself (TurboJPEG), the
+resampling to the bucket shape (``_finish``: warpAffine, flip), reading the file and drawing the box; and
+``_region_crop`` and the loader's whole call (``RectangularCropTfm.__call__`` with the sample's rng) as measured.
 
 The set is built at run time from real photographs that Python packages ship as files (the packages are not
 imported): scikit-image's astronaut, chelsea, coffee, motorcycle_left/right and rocket, scikit-learn's china and
@@ -61,6 +66,9 @@ PHOTOS = {  # package -> its photographs (colour, everyday scenes), as files ins
     "sklearn": ["datasets/images/china.jpg", "datasets/images/flower.jpg"],
     "matplotlib": ["mpl-data/sample_data/grace_hopper.jpg"],
 }
+# The loader's decoders, and the region decoder with libjpeg-turbo's speed flags: name -> its turbo_flags
+VARIANTS = {"opencv": (), "turbo": (), "turbo+up": ("fast_upsample",), "turbo+dct": ("fast_dct",),
+            "turbo+both": ("fast_upsample", "fast_dct")}
 # (W, H) of the generated images and how often: ImageNet's common shapes (most are 500 on the long side, 4:3)
 SHAPES = [((500, 375), 0.45), ((375, 500), 0.15), ((500, 333), 0.15), ((500, 500), 0.1), ((333, 500), 0.05),
           ((640, 480), 0.05), ((400, 300), 0.05)]
@@ -162,26 +170,54 @@ def time_runs(pipelines: dict, n: int, repeats: int) -> dict:
     return {k: (float(np.median(cpu[k])), float(np.median(wall[k]))) for k in pipelines}
 
 
+def _recorded(module, name: str, calls: list):
+    """``module.name`` wrapped to append each call's arguments to ``calls`` (to replay a crop's parts alone)."""
+    fn = getattr(module, name)
+
+    def wrapper(*a, **kw):
+        calls.append(a)
+        return fn(*a, **kw)
+    return fn, wrapper
+
+
 def decode_parts(paths, sizes, shapes, tfm, args) -> dict:
-    """CPU µs per image of TurboJPEG's whole-image decode, of a 16-pixel strip of every row, and of the loader's
-    region crop (``transforms._region_crop``: header, region, resampling), for the same files."""
+    """CPU µs per image of the parts of a region crop (see the module's docstring), for the same files and boxes."""
     datas = [open(f, "rb").read() for f in paths]
     heads = [turbo.read_header(d) for d in datas]
-    geometry = [tfm.box(sizes[i], shapes[i], np.random.default_rng([args.seed, 0, i])) for i in range(len(paths))]
+    n = len(paths)
+    rng = [lambda i=i: np.random.default_rng([args.seed, 0, i]) for i in range(n)]
+    geometry = [tfm.box(sizes[i], shapes[i], rng[i]()) for i in range(n)]
+    regions, finishes = [], []  # what the loader's crops decode and resample, recorded once, replayed alone
+    (decode, transforms._finish), (real, turbo.decode_region) = (
+        _recorded(transforms, "_finish", finishes), _recorded(turbo, "decode_region", regions))
+    try:
+        for i in range(n):
+            transforms._region_crop(datas[i], shapes[i], tuple(sizes[i]), *geometry[i])
+    finally:
+        transforms._finish, turbo.decode_region = decode, real
+    assert len(regions) == len(finishes) == n, "every crop region-decoded once"
 
-    def whole(i):
+    def head(i):
         turbo.read_header(datas[i])
-        turbo.decode_region(datas[i], 1, 0, 0, heads[i].width, heads[i].height)
 
-    def strip(i):
-        turbo.read_header(datas[i])
-        turbo.decode_region(datas[i], 1, 0, 0, 16, heads[i].height)
+    def part(x, y, w, h, denom=1):
+        return lambda i: (head(i), real(datas[i], denom, x, y, w, h))
 
-    def region(i):
-        transforms._region_crop(datas[i], shapes[i], tuple(sizes[i]), *geometry[i])
-
-    fns = {"whole-image decode": whole, "16-px strip of every row": strip, "region crop": region}
-    return {k: 1e6 / v[0] for k, v in time_runs(fns, len(paths), args.repeats).items()}
+    fns = {
+        "whole-image decode": lambda i: (head(i), real(datas[i], 1, 0, 0, heads[i].width, heads[i].height)),
+        "16-px strip of every row": lambda i: (head(i), real(datas[i], 1, 0, 0, 16, heads[i].height)),
+        "fixed: header + a 16x16 corner": lambda i: part(0, 0, 16 // regions[i][1], 16 // regions[i][1],
+                                                         regions[i][1])(i),
+        "entropy: 16-px strip down to the region's bottom": lambda i: part(
+            0, 0, 16 // regions[i][1], regions[i][3] + regions[i][5], regions[i][1])(i),
+        "the region (TurboJPEG)": lambda i: (head(i), real(*regions[i])),
+        "resampling + flip (_finish)": lambda i: decode(*finishes[i]),
+        "read the file": lambda i: open(paths[i], "rb").read(),
+        "the sample's rng + box": lambda i: tfm.box(sizes[i], shapes[i], rng[i]()),
+        "_region_crop": lambda i: transforms._region_crop(datas[i], shapes[i], tuple(sizes[i]), *geometry[i]),
+        "the loader's call": lambda i: tfm(paths[i], shapes[i], rng[i](), size_hw=tuple(sizes[i])),
+    }
+    return {k: 1e6 / v[0] for k, v in time_runs(fns, n, args.repeats).items()}
 
 
 def main() -> None:
@@ -213,8 +249,9 @@ def main() -> None:
         for mode in ("short_side", "area"):
             table = make_buckets(args.target_size, mode)
             shapes[mode] = [table.shape(int(b)) for b in table.assign(sizes)]
-            for decoder in ("opencv", "turbo"):
-                tfm = tfms[(mode, decoder)] = RectangularCropTfm(train=True, decoder=decoder)
+            for decoder, flags in VARIANTS.items():
+                tfm = tfms[(mode, decoder)] = RectangularCropTfm(train=True, decoder=decoder.split("+")[0],
+                                                                 turbo_flags=flags)
 
                 def crop(i, tfm=tfm, shapes=shapes[mode]):  # the loader's call: (seed, epoch 0, index) rng
                     return tfm(paths[i], shapes[i], np.random.default_rng([args.seed, 0, i]),
@@ -229,7 +266,7 @@ def main() -> None:
                 box, flip = tfms[(mode, "turbo")].box(sizes[i], shapes[mode][i], np.random.default_rng([args.seed, 0, i]))
                 ref = exact_crop(full, box, shapes[mode][i])
                 ref = ref[:, ::-1] if flip else ref
-                for decoder in ("opencv", "turbo"):
+                for decoder in VARIANTS:
                     out = pipelines[(mode, decoder)](i).astype(np.float64)
                     mads.setdefault((mode, decoder), []).append(np.abs(out - ref).mean())
 
@@ -239,13 +276,23 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     names = {"standard": f"(a) standard: Pillow decode + RandomResizedCrop({args.target_size}) + flip, uint8",
              "opencv": "(b) rectrain, OpenCV path (`--decoder opencv`)",
-             "turbo": "(c) rectrain, region decoder (`--decoder turbo`)"}
+             "turbo": "(c) rectrain, region decoder (`--decoder turbo`)",
+             "turbo+up": "(c) + TJPARAM_FASTUPSAMPLE", "turbo+dct": "(c) + TJPARAM_FASTDCT",
+             "turbo+both": "(c) + FASTUPSAMPLE + FASTDCT"}
     for (mode, name), (cpu, wall) in rates.items():
         mad = f"{np.mean(mads[(mode, name)]):.2f}" if (mode, name) in mads else "(a full decode)"
         print(f"| {names[name]} | {mode} | {cpu:,.0f} | {cpu / std:.2f} | {wall:,.0f} | {mad} |")
-    fell = {f"{mode}": dict(t.fallbacks) for (mode, d), t in tfms.items() if t.fallbacks}
+    fell = {f"{mode} {d}": dict(t.fallbacks) for (mode, d), t in tfms.items() if t.fallbacks}
     print(f"\nregion decoder fallbacks: {fell or 'none'}")
     print("\nper image, CPU µs (median of the passes): " + ", ".join(f"{k} {v:,.0f}" for k, v in parts.items()))
+    budget = 1e6 / std / 3
+    floor = parts["entropy: 16-px strip down to the region's bottom"]
+    rest = sum(parts[k] for k in ("the region (TurboJPEG)", "resampling + flip (_finish)", "read the file",
+                                  "the sample's rng + box")) - floor
+    call = parts["the loader's call"]
+    print(f"3x the standard leaves {budget:,.0f} µs per image; the decode's fixed cost and the entropy decoding "
+          f"down to the region's bottom take {floor:,.0f} of them, the region's own pixels, the resampling, the file "
+          f"and the box another {rest:,.0f} (sum {floor + rest:,.0f}; the loader's call as measured: {call:,.0f})")
 
 
 if __name__ == "__main__":

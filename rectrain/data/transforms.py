@@ -47,6 +47,7 @@ _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 DECODERS = ("auto", "turbo", "opencv", "pil")  # auto: the first of turbo, opencv, pil that works here
 CROPS = ("random", "resize")  # train crop: random-resized crop, or the whole image resized (the seed's)
+TURBO_FLAGS = ("fast_upsample", "fast_dct")  # libjpeg-turbo's TJPARAM_FASTUPSAMPLE, _FASTDCT (rectrain.data.turbo)
 
 try:  # optional: OpenCV decodes JPEGs about 2x faster than Pillow here and resizes with SIMD
     import cv2
@@ -217,7 +218,8 @@ class RectangularCropTfm:
     """
 
     def __init__(self, train: bool, scale: tuple[float, float] = (0.08, 1.0), hflip: float | bool = 0.5,
-                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random", log_fallbacks: bool = False):
+                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random", log_fallbacks: bool = False,
+                 turbo_flags: tuple[str, ...] = ()):
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
@@ -237,6 +239,14 @@ class RectangularCropTfm:
         self.fallbacks: Counter[str] = Counter()  # images the region decoder handed on, by reason (this process)
         self.region_images = 0                   # images it decoded
         self.log_fallbacks = log_fallbacks       # say so on stderr (the training loaders do; predict stays quiet)
+        # libjpeg-turbo's speed flags for the region decoder, off by default: measured on real photos they buy no
+        # speed (-5% to +7% from run to run), and FASTDCT puts crops ~1.03 grey levels from the exact crop (over the
+        # 1-level goal), FASTUPSAMPLE ~0.78 (docs/benchmarks.md, benchmarks/bench_region_decode.py, the only caller
+        # that sets them).
+        unknown = set(turbo_flags) - set(TURBO_FLAGS)
+        if unknown:
+            raise ValueError(f"turbo_flags are among {TURBO_FLAGS}, got {sorted(unknown)}")
+        self.turbo_flags = tuple(turbo_flags)
 
     def box(self, size_hw, out_hw, rng: np.random.Generator | None = None) -> tuple[tuple[float, ...], bool]:
         """Crop box (x0, y0, x1, y1) in the (H, W) image's pixels and whether to flip. Pure given ``rng``."""
@@ -273,7 +283,8 @@ class RectangularCropTfm:
             data = None
             if self._region:
                 data = _read_bytes(src, name)
-                out, reason, detail = _region_crop(data, (oh, ow), size_hw, *geometry)
+                out, reason, detail = _region_crop(data, (oh, ow), size_hw, *geometry,
+                                                   **{f: True for f in self.turbo_flags})
                 if out is not None:
                     self.region_images += 1
                     return out
@@ -472,7 +483,7 @@ def _region_problem(head: turbo.Header) -> str | None:
     return None
 
 
-def _region_crop(data: bytes, out_hw, size_hw, box, flip: bool):
+def _region_crop(data: bytes, out_hw, size_hw, box, flip: bool, fast_upsample: bool = False, fast_dct: bool = False):
     """The crop decoded from the box's region only -> (image, None, None), or (None, reason, detail) when the file
     takes the OpenCV/Pillow path instead (``reason`` from a short fixed list, counted; ``detail`` for the note).
 
@@ -480,7 +491,9 @@ def _region_crop(data: bytes, out_hw, size_hw, box, flip: bool):
     bilinear taps one pixel around it) widened by one more pixel on each side -- fancy chroma upsampling reads a
     neighbour, and with it the region's pixels equal the full decode's bit for bit (NVIDIA DALI's CPU crop decoder
     widens its integer box the same way) -- with its left edge moved down to the scaled MCU width. The decoded
-    region is then turned upright and handed to ``_finish`` like OpenCV's full decode: the crops are identical."""
+    region is then turned upright and handed to ``_finish`` like OpenCV's full decode: the crops are identical.
+    ``fast_upsample``/``fast_dct``: libjpeg-turbo's speed flags (``turbo.decode_region``); the crop then equals
+    TurboJPEG's whole-image decode with the same flags, cropped by ``_finish``."""
     problem = _jpeg_problem(data)
     if problem:
         return None, problem, None
@@ -510,7 +523,7 @@ def _region_crop(data: bytes, out_hw, size_hw, box, flip: bool):
     rx1 = max(rx1, min(rx0 + mcu, dw))
     rx0 = min(rx0, max(rx1 - mcu, 0) // mcu * mcu)
     try:
-        region = turbo.decode_region(data, s, rx0, ry0, rx1 - rx0, ry1 - ry0)
+        region = turbo.decode_region(data, s, rx0, ry0, rx1 - rx0, ry1 - ry0, fast_upsample, fast_dct)
     except turbo.TurboError as e:  # a warning (corrupt data) or a refusal: OpenCV decodes as it always did
         return None, "TurboJPEG error or warning", str(e)
     if o != 1:

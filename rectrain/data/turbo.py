@@ -24,6 +24,19 @@ Facts from that version's turbojpeg.h / turbojpeg.c (checked in the source, not 
   caller takes its other path, which decides as it always did.
 - One handle per process and thread: a TurboJPEG instance is not thread-safe, and DataLoader workers are forked
   processes (a handle copied by fork is left to the parent).
+
+The speed flags (``decode_region(fast_upsample=, fast_dct=)``: TJPARAM_FASTUPSAMPLE 9 and TJPARAM_FASTDCT 10 in
+turbojpeg.h) are off by default. Elsewhere: FFCV's ``imdecode`` (libffcv/libffcv.cpp) passes TJFLAG_FASTDCT and keeps
+fancy upsampling; DALI's libjpeg-turbo CPU decoder (dali/imgcodec/decoders/libjpeg_turbo.cc) and nvImageCodec's plugin
+keep both off unless asked (their ``fast_idct`` option); Pillow, and so torchvision on PIL images, turns both on only
+in ``draft`` mode (src/libImaging/JpegDecode.c). Measured on real photos (``benchmarks/bench_region_decode.py``,
+docs/benchmarks.md), neither buys speed here: 5% slower to 7% faster than the default from run to run (the rows'
+entropy decoding, which no flag touches, is most of a region decode; turbojpeg.h itself says the two IDCTs perform
+alike on AVX2 CPUs), while FASTDCT puts crops ~1.03 grey levels from the exact crop (over the 1-level goal; default
+0.26-0.31) and FASTUPSAMPLE ~0.78. And in this library version fast upsampling (libjpeg's merged upsampler) meets a
+use-after-free in ``jpeg_skip_scanlines`` when the handle decoded an image without it before (fixed in libjpeg-turbo
+3.1.2, commit f158143e; on the benchmark's set it segfaulted 5 runs of 5, and gave "Corrupt JPEG data" warnings), so
+a fast-upsampling decode gets a handle of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ __all__ = ["TurboError", "Header", "MCU_WIDTH", "available", "problem", "library
 _TJINIT_DECOMPRESS = 1
 _TJPARAM_STOPONWARNING, _TJPARAM_SUBSAMP, _TJPARAM_JPEGWIDTH, _TJPARAM_JPEGHEIGHT = 0, 4, 5, 6
 _TJPARAM_PRECISION, _TJPARAM_COLORSPACE, _TJPARAM_PROGRESSIVE, _TJPARAM_ARITHMETIC, _TJPARAM_LOSSLESS = 7, 8, 12, 14, 15
+_TJPARAM_FASTUPSAMPLE, _TJPARAM_FASTDCT = 9, 10
 _TJPF_RGB = 0
 TJCS_RGB, TJCS_YCBCR, TJCS_GRAY, TJCS_CMYK, TJCS_YCCK = 0, 1, 2, 3, 4
 TJSAMP_UNKNOWN = -1
@@ -142,23 +156,36 @@ def problem() -> str | None:
     return _problem
 
 
-_local = threading.local()  # .handle: (pid, tjhandle) of this thread; a forked worker makes its own
+# .handle: [pid, tjhandle, the speed flags set on it] of this thread; a forked worker makes its own
+_local = threading.local()
+
+
+def _new_handle(lib):
+    h = lib.tj3Init(_TJINIT_DECOMPRESS)
+    if not h:
+        raise TurboError("tj3Init failed")
+    # A warning (truncated or corrupt data) stops the decode and fails it: never a grey-padded image.
+    lib.tj3Set(h, _TJPARAM_STOPONWARNING, 1)
+    return [os.getpid(), h, (False, False)]
 
 
 def _tj():
     lib = _load()
     if lib is None:
         raise TurboError(_problem)
-    pid = os.getpid()
     handle = getattr(_local, "handle", None)
-    if handle is None or handle[0] != pid:
-        h = lib.tj3Init(_TJINIT_DECOMPRESS)
-        if not h:
-            raise TurboError("tj3Init failed")
-        # A warning (truncated or corrupt data) stops the decode and fails it: never a grey-padded image.
-        lib.tj3Set(h, _TJPARAM_STOPONWARNING, 1)
-        handle = _local.handle = (pid, h)
+    if handle is None or handle[0] != os.getpid():
+        handle = _local.handle = _new_handle(lib)
     return lib, handle[1]
+
+
+def _renew(lib, data: bytes):
+    """Replace this thread's handle by a fresh one and read ``data``'s header on it (the decode needs it there)."""
+    old, _local.handle = _local.handle, _new_handle(lib)
+    lib.tj3Destroy(old[1])
+    if lib.tj3DecompressHeader(_local.handle[1], data, len(data)) != 0:
+        _fail(lib, _local.handle[1], "header")
+    return _local.handle[1]
 
 
 def _fail(lib, h, what: str):
@@ -177,11 +204,20 @@ def read_header(data: bytes) -> Header:
                   lossless=bool(get(h, _TJPARAM_LOSSLESS)))
 
 
-def decode_region(data: bytes, denom: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+def decode_region(data: bytes, denom: int, x: int, y: int, w: int, h: int, fast_upsample: bool = False,
+                  fast_dct: bool = False) -> np.ndarray:
     """Decode the region (x, y, w, h), in pixels of the image scaled by 1/``denom``, as stored (no EXIF rotation)
     -> (h, w, 3) uint8 RGB. ``x`` must be a multiple of the scaled MCU width. Call ``read_header`` on the same
-    bytes first. Raises ``TurboError`` on any refusal, error or warning."""
+    bytes first. ``fast_upsample``/``fast_dct``: libjpeg-turbo's speed flags (off: see the module's docstring).
+    Raises ``TurboError`` on any refusal, error or warning."""
     lib, t = _tj()
+    if fast_upsample:  # a handle of its own: the library's use-after-free (module docstring)
+        t = _renew(lib, data)
+    speed = (bool(fast_upsample), bool(fast_dct))
+    if _local.handle[2] != speed:  # parameters stay set on a handle: two ctypes calls only when they change
+        lib.tj3Set(t, _TJPARAM_FASTUPSAMPLE, int(speed[0]))
+        lib.tj3Set(t, _TJPARAM_FASTDCT, int(speed[1]))
+        _local.handle[2] = speed
     if lib.tj3SetScalingFactor(t, _Scale(1, denom)) != 0:
         _fail(lib, t, f"scaling factor 1/{denom}")
     if lib.tj3SetCroppingRegion(t, _Region(x, y, w, h)) != 0:

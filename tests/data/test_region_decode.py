@@ -194,6 +194,44 @@ def test_progressive_jpegs_are_region_decoded_too(photo):
     assert np.array_equal(region, crops(data, (64, 96), (251, 333), 0, decoders=["opencv"])[0])
 
 
+# -- libjpeg-turbo's speed flags (off by default; the benchmark measures them) ----------------------------------
+SPEED_FLAGS = [("fast_upsample",), ("fast_dct",), ("fast_upsample", "fast_dct")]
+
+
+@pytest.mark.parametrize("flags", SPEED_FLAGS)
+@pytest.mark.parametrize("sub", list(SUBSAMPLINGS))
+def test_speed_flags_crop_as_a_whole_decode_with_the_same_flags(photo, flags, sub):
+    # The same flags on both sides: the region decoder's crop equals TurboJPEG's whole-image decode at the same DCT
+    # scale, with the same flags, cropped by the same resampling -- fast upsampling needs no neighbour pixel, and the
+    # fast IDCT works block by block, so a region's pixels are the whole decode's.
+    for size in [(333, 251), (37, 29)]:
+        data = encode(photo.resize(size), sub)
+        w, h = size
+        for out_hw in [(64, 96), (8, 8)]:
+            for seed in range(3):
+                tfm = RectangularCropTfm(train=True, decoder="turbo", turbo_flags=flags)
+                box, flip = tfm.box((h, w), out_hw, np.random.default_rng(seed))
+                s = transforms._dct_scale(min((box[2] - box[0]) / out_hw[1], (box[3] - box[1]) / out_hw[0]))
+                out = tfm(data, out_hw, np.random.default_rng(seed), size_hw=(h, w))
+                turbo.read_header(data)
+                whole = turbo.decode_region(data, s, 0, 0, turbo.scaled(w, s), turbo.scaled(h, s),
+                                            **{f: True for f in flags})
+                want = transforms._finish(whole, (0, 0), transforms._decoded_box(box, 1, (w, h), s), out_hw, flip)
+                assert tfm.region_images == 1 and np.array_equal(out, want), (size, out_hw, seed)
+
+
+def test_speed_flags_reach_the_decoder_and_are_off_by_default(photo):
+    data = encode(photo.resize((333, 251)))  # 4:2:0; a crop enlarged to 160 x 224: decoded at full scale
+    default, upsample, dct = (RectangularCropTfm(train=True, decoder="turbo", turbo_flags=f)(
+        data, (160, 224), np.random.default_rng(0), size_hw=(251, 333)).astype(int)
+        for f in [(), ("fast_upsample",), ("fast_dct",)])
+    assert np.array_equal(default, crops(data, (160, 224), (251, 333), 0, decoders=["opencv"])[0])  # as OpenCV
+    for fast in (upsample, dct):
+        assert 0 < np.abs(fast - default).mean() < 3
+    with pytest.raises(ValueError, match="turbo_flags"):
+        RectangularCropTfm(train=True, decoder="turbo", turbo_flags=("fast_idct",))
+
+
 # -- the same crops whichever decoder runs ---------------------------------------------------------------------
 def test_every_decoder_crops_the_same_box_for_the_same_seed(photo):
     # The box and flip come from the sample's rng before any decoding, so they are the same for every decoder:
