@@ -20,7 +20,7 @@ import torch
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
 from rectrain.data.samplers import AspectRatioBatchSampler, DistributedBatchSampler
-from rectrain.data.scan import scan_split
+from rectrain.data.source import scan_split
 from rectrain.data.transforms import RectangularCropTfm
 from rectrain.training.augment import AugmentationConfig, BatchAugment, apply_augmentations
 from rectrain.training.losses import augmented_loss, mixup_criterion

@@ -3,7 +3,7 @@
 What is measured: the data part of a start-up whose scan cache (folder) or index (shards) is already fresh, i.e.
 every start after the first: rank 0's ``scan_split`` and what each other rank does. Before issue 17 every other
 rank called ``scan_split`` too, which lists every class folder and stats every image to check the cache's
-fingerprint; now they load the file rank 0 names (``rectrain.data.scan.load_scan``). Counts are real system calls,
+fingerprint; now they load the file rank 0 names (``rectrain.data.source.load_scan``). Counts are real system calls,
 traced with ``strace -f`` between two marker calls, in one process per role; a world of W ranks is rank 0 plus
 W - 1 others.
 
