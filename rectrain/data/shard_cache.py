@@ -26,7 +26,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from rectrain.errors import UserError
 from rectrain.runtime.io import is_temporary, temporary_path, user_cache_dir
@@ -37,6 +37,7 @@ RETRIES = 3  # attempts per shard after the first
 RETRY_PAUSE_S = 0.5  # doubled after each failed attempt
 CHUNK = 1 << 20  # bytes per read of a download
 TIMEOUT_S = 60  # per network operation
+OPEN_ATTEMPTS = 3  # fetches of one shard that another process may evict before this one opens it
 
 
 class ShardFetchError(OSError):
@@ -125,14 +126,27 @@ class ShardCache:
                 self.evict(keep=path)
         return path
 
+    def open(self, url: str, nbytes: int | None = None) -> int:
+        """A read-only file descriptor on the complete local copy of ``url``. Another process may evict the entry
+        between ``local_path`` and the open: it is fetched again (an open descriptor keeps the file however it is
+        evicted later)."""
+        for _ in range(OPEN_ATTEMPTS):
+            path = self.local_path(url, nbytes)
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise ShardFetchError(f"shard {url} was evicted from {self.folder} {OPEN_ATTEMPTS} times before it could be "
+                              "opened: the run reads more shards at once than --shard_cache_gb holds; raise it")
+
     def _complete(self, path: str, nbytes: int | None) -> bool:
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+            if nbytes is not None and st.st_size != nbytes:
+                return False
+            os.utime(path, (time.time(), st.st_mtime))  # an access: least recently used goes first
+        except FileNotFoundError:  # absent, or evicted by another process this instant
             return False
-        if nbytes is not None and st.st_size != nbytes:
-            return False
-        os.utime(path, (time.time(), st.st_mtime))  # an access: least recently used goes first
         return True
 
     @contextmanager
@@ -169,6 +183,8 @@ class ShardCache:
                 raise ShardFetchError(f"shard {url} has {size:,} bytes but its index says {nbytes:,}: it changed "
                                       "since it was indexed; delete the index to index it again")
             os.replace(tmp, path)
+            with suppress(FileNotFoundError):  # used now: the download began long ago by eviction's clock
+                os.utime(path)
             self.downloads += 1
         finally:
             if os.path.exists(tmp):
@@ -198,9 +214,15 @@ class ShardCache:
         entries = []
         for e in os.scandir(self.folder):
             if e.is_file() and not e.name.endswith(".lock") and not is_temporary(e.name) and e.path != keep:
-                st = e.stat()
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # another process evicted it since the listing
+                    continue
                 entries.append((st.st_atime, st.st_size, e.path))
-        total = sum(s for _, s, _ in entries) + (os.path.getsize(keep) if keep and os.path.exists(keep) else 0)
+        total = sum(s for _, s, _ in entries)
+        if keep:
+            with suppress(FileNotFoundError):
+                total += os.path.getsize(keep)
         removed = []
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:

@@ -321,10 +321,9 @@ class MemberReader:
         location = self.members.shards[s]
         if is_remote(location):
             expected = self.members.shard_bytes
-            path = self.members.cache.local_path(location, int(expected[s]) if expected is not None else None)
+            fd = self.members.cache.open(location, int(expected[s]) if expected is not None else None)
         else:
-            path = _local(location)
-        fd = os.open(path, os.O_RDONLY)
+            fd = os.open(_local(location), os.O_RDONLY)
         self._files[s] = fd
         while len(self._files) > self._budget:
             os.close(self._files.popitem(last=False)[1])

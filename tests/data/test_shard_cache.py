@@ -3,8 +3,10 @@
 import http.server
 import os
 import threading
+import traceback
 import urllib.parse
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +142,41 @@ def test_a_cache_too_small_for_a_window_is_one_clear_line(served, tmp_path):
     val = scan_split(_pattern(served["url"]), "val", train.index.classes, shard_cache=cache)
     with pytest.raises(UserError, match=r"--shard_cache_gb 4e-05 is too small .* raise it to at least"):
         build_loaders(train, val, make_buckets(32), LoaderSettings(batch_size=8))
+
+
+def _read_shards_at_random(url, folder, max_bytes, seed, rounds, out):
+    """In a child process: open and read shards in a random order through a small cache shared with its siblings;
+    ``out`` gets how many reads matched the server's bytes, or the traceback."""
+    rng = np.random.default_rng(seed)
+    cache = ShardCache(folder, max_gb=max_bytes / 1e9)
+    try:
+        good = 0
+        for k in rng.integers(0, 11, rounds):
+            name = f"train-{int(k):06d}.tar"
+            fd = cache.open(f"{url}/{name}")
+            try:
+                good += os.pread(fd, 1 << 20, 0) == Path(out["local"], name).read_bytes()
+            finally:
+                os.close(fd)
+        out["queue"].put(good)
+    except Exception:  # noqa: BLE001 (reported to the parent, which fails the test with it)
+        out["queue"].put(traceback.format_exc())
+
+
+def test_processes_that_evict_each_others_shards_still_read_whole_ones_and_the_cache_stays_bounded(served, tmp_path):
+    import multiprocessing as mp
+    sizes = [os.path.getsize(os.path.join(served["local"], f"train-{k:06d}.tar")) for k in range(11)]
+    max_bytes = 2 * max(sizes) + 1  # two shards: every fetch evicts another process's entry
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    out = {"local": served["local"], "queue": queue}
+    procs = [ctx.Process(target=_read_shards_at_random, args=(served["url"], str(tmp_path / "cache"), max_bytes, seed,
+                                                              40, out)) for seed in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [40, 40, 40]  # every open found a whole shard, none an error
+    left = [e for e in os.scandir(tmp_path / "cache") if e.name.endswith(".tar") and not is_temporary(e.name)]
+    assert sum(e.stat().st_size for e in left) <= max_bytes
