@@ -195,7 +195,8 @@ class TrainConfig:
                                          "size one more shape to warm up or compile)", choices=list(LEFTOVER_POLICIES))
     sync_bn: bool = _f(DIST, False, "SyncBatchNorm under DDP: BatchNorm statistics over the global batch rather than "
                                     "each GPU's own (for small per-GPU batches; collectives in every BatchNorm "
-                                    "layer's forward and backward; CUDA only; no effect with one process)")
+                                    "layer's forward and backward; torch's SyncBatchNorm on CUDA, an all-reduce "
+                                    "version on CPUs under gloo; no effect with one process)")
     # --- checkpoints and logging ---
     output: str = _f(LOGS, "./runs_rect_ddp", "root folder of runs: {output}/{run_name}/checkpoints and /logs")
     run_name: str = _f(LOGS, "resnet50_rect", "subfolder of --output for this run")

@@ -44,6 +44,7 @@ from rectrain.runtime.lock import RunLock
 from rectrain.runtime.logs import close_logger, log_to_file, setup_rank_logger
 from rectrain.runtime.metrics import MetricsWriter, RunPaths, closing_lines, write_summary
 from rectrain.runtime.trackers import check_installed, open_trackers
+from rectrain.training import sync_bn
 from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.compilation import (CompileDecision, SpatialDynamic, cached_graphs, compile_cache_dir,
@@ -423,25 +424,18 @@ def build_parts(cfg: TrainConfig, num_classes: int, info: DistInfo, log) -> RunP
     return RunParts(step, augment, DecodeFailurePolicy(cfg.max_decode_failures, log=log), ema)
 
 
-def check_sync_bn(cfg: TrainConfig, info: DistInfo) -> None:
-    """--sync_bn where it cannot work, said before the data is scanned: torch's SyncBatchNorm refuses CPU tensors
-    (torch 2.13: "SyncBatchNorm expected input tensor to be on GPU"), gloo or not."""
-    if cfg.sync_bn and info.distributed and torch.device(info.device).type != "cuda":
-        raise UserError("--sync_bn needs GPUs: torch's SyncBatchNorm synchronises CUDA tensors only and refuses "
-                        "CPU ones; drop --sync_bn for a CPU run")
-
-
 def use_sync_bn(model: torch.nn.Module, info: DistInfo, log) -> None:
-    """--sync_bn: every BatchNorm of ``model`` becomes a SyncBatchNorm, in place, before DDP wraps it. The new
-    layers take over the same parameter and buffer tensors (the optimizer built before keeps them) under the same
-    names, so a checkpoint's state dict is a BatchNorm model's: `rectrain eval`/`export` and runs without --sync_bn
-    load it as it is. With one process there is nothing to synchronise."""
+    """--sync_bn: every BatchNorm of ``model`` synchronised over the ranks (``rectrain.training.sync_bn``), in place,
+    before DDP wraps it. The new layers take over the same parameter and buffer tensors (the optimizer built before
+    keeps them) under the same names, so a checkpoint's state dict is a BatchNorm model's: `rectrain eval`/`export`
+    and runs without --sync_bn load it as it is. With one process there is nothing to synchronise."""
     if not info.distributed:
         log("note: --sync_bn has no effect with one process: its BatchNorm already sees the whole batch")
         return
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    converted = sync_bn.convert(model, torch.device(info.device))
     assert converted is model  # the root is not a BatchNorm: its children were replaced in place
-    log(f"SyncBatchNorm: BatchNorm statistics over the global batch of {info.world_size} processes")
+    how = "torch's CUDA kernels" if torch.device(info.device).type == "cuda" else "all-reduces over gloo (slow)"
+    log(f"SyncBatchNorm: BatchNorm statistics over the global batch of {info.world_size} processes ({how})")
 
 
 def describe_accumulation(batches: int, accum_steps: int) -> str:
@@ -577,7 +571,6 @@ class Trainer:
     @classmethod
     def build(cls, cfg: TrainConfig, info: DistInfo, paths: RunPaths, logger, resume: Resume) -> "Trainer":
         log = logger.info
-        check_sync_bn(cfg, info)
         data = build_data(cfg, info, paths, log)
         try:
             parts = build_parts(cfg, len(data.classes), info, log)

@@ -1,7 +1,8 @@
 """Large global batches in real runs: --opt lars|lamb with --lr_schedule poly, --accum_steps (a stop inside an
-accumulation, exact resume), --sync_bn (the conversion, and what a CPU run with 2 processes says)."""
+accumulation, exact resume), --sync_bn (the conversion, and a CPU run with 2 processes)."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -16,6 +17,7 @@ from rectrain.runtime.distributed import DistInfo
 from rectrain.training import loop
 from rectrain.training.checkpoint import load as load_ckpt
 from rectrain.training.optim import build_optimizer
+from rectrain.training.sync_bn import GlooSyncBatchNorm
 from tests.test_train import assert_same_weights, data_dir, free_port, model_of, run  # noqa: F401 (fixture)
 
 ACCUM = ["--opt", "lamb", "--lr", "0.01", "--lr_schedule", "poly", "--accum_steps", "4", "--epochs", "1"]
@@ -96,7 +98,7 @@ def test_sync_bn_converts_every_batchnorm_and_keeps_a_batchnorm_models_state_dic
     plain = model.state_dict()
     train_mod.use_sync_bn(model, DistInfo(rank=0, world_size=2), log=lambda m: None)
     kinds = {type(m) for m in model.modules()}
-    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert GlooSyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds  # on the CPU; torch's on CUDA
     assert {id(p) for p in model.parameters()} == params
     converted = model.state_dict()
     assert list(converted) == list(plain) and all(converted[k] is plain[k] or torch.equal(converted[k], plain[k])
@@ -112,13 +114,17 @@ def test_sync_bn_with_one_process_says_it_has_no_effect():
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
-def test_sync_bn_on_two_cpu_processes_stops_every_rank_with_one_line(data_dir, tmp_path, capfd):
-    """torch (2.13) refuses SyncBatchNorm on CPU tensors, gloo or not ("SyncBatchNorm expected input tensor to be on
-    GPU"): a 2-process CPU run says so, on each rank, before it scans the data; exit status 2."""
+def test_sync_bn_on_two_cpu_processes_keeps_the_replicas_identical_mid_epoch(data_dir, tmp_path):
+    """Under gloo, --sync_bn gives every rank the global batch's BatchNorm statistics: stopped mid-epoch by
+    --max_steps, both ranks hold the same weights and buffers (without it each rank's running statistics are its
+    own until the epoch's end averages them; tests/test_train.py), and the checkpoint loads into a plain model."""
     assert run(data_dir, tmp_path, "--epochs", "1", "--nproc", "2", "--dist_port", free_port(), "--sync_bn",
-               name="sbn") == 2
-    err = capfd.readouterr().err
-    for rank in (0, 1):
-        assert f"rectrain: error (rank {rank}): --sync_bn needs GPUs" in err
-    assert "Traceback" not in err
-    assert "scanning" not in (tmp_path / "sbn/logs/rank0.log").read_text()
+               "--max_steps", "2", name="sbn") == 0
+    logs = [(tmp_path / f"sbn/logs/rank{r}.log").read_text() for r in (0, 1)]
+    assert "SyncBatchNorm: BatchNorm statistics over the global batch of 2 processes (all-reduces over gloo" in logs[0]
+    digests = [re.findall(r"final weights sha1 (\w+)", log) for log in logs]
+    assert len(digests[0]) == 1 and digests[0] == digests[1]
+    ckpt = load_ckpt(tmp_path / "sbn/checkpoints/last.pth")
+    assert ckpt["batch_in_epoch"] == 2 and ckpt["config"]["sync_bn"]
+    cfg = ckpt["config"]
+    build_model(cfg["arch"], num_classes=len(ckpt["classes"]), width=cfg["width"]).load_state_dict(ckpt["model"])
