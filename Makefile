@@ -34,7 +34,7 @@ TEST_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 
-# The fault-injection suite with its long variants (~16 min on 2 cores); rewrites docs/reliability.md.
+# The fault-injection suite with its long variants (14-16 min on 2 cores); rewrites docs/reliability.md.
 faults: setup
 	$(PY) benchmarks/reliability_report.py --soak
 

@@ -247,8 +247,9 @@ def main(argv=None) -> int:
         return 1
     command = "python benchmarks/reliability_report.py" + (" --soak" if args.soak else "")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(render(rows, args.soak, seconds, command))
+    page = render(rows, args.soak, seconds, command)  # before opening the page: truncating it first made git
+    with open(args.out, "w") as f:                     # status call every run "with uncommitted changes"
+        f.write(page)
     counts = Counter(r.get("result") for r in rows)
     print(f"wrote {args.out}: {dict(counts)} (rows from {jsonl}); pytest exit status {code}")
     return code
