@@ -30,7 +30,7 @@ from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
 from rectrain.data.scan import SplitScan, data_notes
-from rectrain.data.source import load_scan, scan_split
+from rectrain.data.source import shared_scan
 from rectrain.data.shards import split_exists
 from rectrain.data.workers import cap_workers
 from rectrain.errors import DataMistake, PeerTimeout, UserError
@@ -326,24 +326,10 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
 
 
 def _scan(cfg: TrainConfig, info: DistInfo, paths: RunPaths, split: str, log, classes=None) -> SplitScan:
-    """Rank 0 scans (and writes the cache; for shards: reads or builds their index) first, telling the others if it
-    failed. The others then load the file rank 0 names, by its path and fingerprint: they neither list nor stat the
-    dataset (at 64 ranks and ImageNet's 1.28 million files, listing it everywhere was 82 million metadata calls on
-    the shared filesystem: docs/benchmarks.md). Where that file is not readable (no writable place for it, or a
-    node-local cache folder on another node), a rank scans for itself as before."""
-    cache = shard_cache_of(cfg)
-    kw = dict(classes=classes, cache_dir=paths.run_dir, workers=None, progress=info.is_primary, shard_cache=cache)
-    scan = on_primary(lambda: scan_split(cfg.data_dir, split, **kw), f"scanning {split}/", log)
-    where = broadcast_object((scan.cache_path, scan.fingerprint) if scan is not None else None)
-    if scan is not None:
-        return scan
-    if where[0]:
-        loaded = load_scan(*where, cfg.data_dir, split, classes, cache)
-        if loaded is not None:
-            log(f"{split}: read rank 0's {'index' if loaded.index.members is not None else 'scan'} {where[0]} "
-                f"({loaded.seconds:.2f} s, without listing the data)")
-            return loaded
-    return scan_split(cfg.data_dir, split, **kw)
+    """The split's scan on every rank: rank 0's, shared (``rectrain.data.source.shared_scan``); the run folder keeps
+    the cache where the data's own folder is not writable."""
+    return shared_scan(cfg.data_dir, split, classes, is_primary=info.is_primary, log=log, cache_dir=paths.run_dir,
+                       shard_cache=shard_cache_of(cfg))
 
 
 def shard_cache_of(cfg: TrainConfig):

@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 
 from rectrain.errors import UserError
 
@@ -78,7 +79,7 @@ def _eval_worker(args, data_dir: str, info) -> int:
     import torch
 
     from rectrain.data.loader import LoaderSettings, build_val_loader
-    from rectrain.data.source import scan_split
+    from rectrain.data.source import shared_scan
     from rectrain.data.workers import cap_workers
     from rectrain.inference import inference_autocast, inference_buckets, restore
     from rectrain.runtime.distributed import all_reduce_sum
@@ -86,7 +87,10 @@ def _eval_worker(args, data_dir: str, info) -> int:
     from rectrain.training.step import DeviceNormalize
     r = restore(args.checkpoint, args.ema)
     cfg = r.config
-    scan = scan_split(data_dir, args.split, classes=r.classes)
+    # Rank 0 scans, the others read its cache file. Rank 0's log is its stderr (a failed scan's traceback); the
+    # others' "read rank 0's scan" would be noise here.
+    log = (lambda m: print(m, file=sys.stderr)) if info.is_primary else (lambda m: None)
+    scan = shared_scan(data_dir, args.split, r.classes, is_primary=info.is_primary, log=log)
     if len(scan.index) == 0:
         raise UserError(f"{os.path.join(data_dir, args.split)} holds no usable images")
     buckets = inference_buckets(cfg, args.target_size, args.square)
