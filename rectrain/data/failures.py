@@ -3,11 +3,13 @@
 Storage errors and files changed after the scan happen mid-run. ``BucketDataset`` replaces such an image in its
 batch by another of the same bucket (the batch keeps its shape) and sends its path back with the batch; the main
 process logs and counts it here, and past ``--max_decode_failures`` the run stops with one message. ``guarded``
-turns "a whole run of images of one bucket cannot be decoded", raised in a worker, into that same message.
+turns "a whole run of images of one bucket cannot be decoded", raised in a worker, into that same message, and a
+remote shard that cannot be fetched into one line saying how to continue.
 """
 
 from __future__ import annotations
 
+from rectrain.data.shard_cache import ShardFetchError
 from rectrain.data.transforms import DecodeError
 from rectrain.errors import UserError
 
@@ -44,15 +46,28 @@ class DecodeFailurePolicy:
 
 
 def guarded(loader):
-    """Iterate a loader, turning 'a whole run of images cannot be decoded' into one clear message."""
+    """Iterate a loader, turning 'a whole run of images cannot be decoded' and 'a remote shard cannot be fetched'
+    into one clear message each."""
     it = iter(loader)
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return
-        except DecodeError as e:  # from a worker it carries the worker's traceback: keep our line only
-            line = next((ln for ln in str(e).splitlines() if "failed to decode" in ln), str(e).splitlines()[0])
-            raise DecodeFailures(f"{line[:500]}. The storage may be failing or the dataset changed since it was "
-                                 "scanned: check the files, then run `rectrain scan --data_dir ...`") from None
+        except DecodeError as e:
+            raise DecodeFailures(f"{_message(e)[:500]}. The storage may be failing or the dataset changed since it "
+                                 "was scanned: check the files, then run `rectrain scan --data_dir ...`") from None
+        except ShardFetchError as e:  # a remote shard stayed unreachable through its retries
+            raise UserError(f"{_message(e)[:500]}; the run stopped here: once the shard can be fetched, continue it "
+                            "with --resume auto (the last checkpoint is intact)") from None
         yield batch
+
+
+def _message(e: Exception) -> str:
+    """The exception's own message. Raised in a DataLoader worker, it arrives as "Caught X in DataLoader worker
+    process N. Original Traceback ...", source lines included; its message is the last line's, after "X: "."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(f"{type(e).__name__}: ", 1)[-1]

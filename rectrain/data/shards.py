@@ -301,7 +301,8 @@ class MemberReader:
     """``read(i)`` -> the encoded image bytes of sample ``i``: one ``pread`` on a shard file this process keeps
     open (per process: the files of a forked worker are its own; ``open_file_budget`` of them, least recently used
     closed first). Failures are ``DecodeError`` naming the member, so the run's replacement policy handles them as
-    it does a bad image file."""
+    it does a bad image file; a remote shard that cannot be fetched (``ShardFetchError``, after its retries) is not
+    the image's fault and stops the run instead."""
 
     def __init__(self, members: ShardMembers):
         self.members = members
@@ -330,11 +331,14 @@ class MemberReader:
         return fd
 
     def read(self, i: int, name: str = "") -> bytes:
+        from rectrain.data.shard_cache import ShardFetchError
         from rectrain.data.transforms import DecodeError
         m = self.members
         s, offset, n = int(m.shard[i]), int(m.offset[i]), int(m.nbytes[i])
         try:
             data = os.pread(self._fd(s), n, offset)
+        except ShardFetchError:
+            raise  # the network, not this image: the run stops (failures.guarded), it does not replace images
         except OSError as e:
             raise DecodeError(f"cannot read {name or m.shards[s]}: {e.strerror or e}") from None
         if len(data) != n:

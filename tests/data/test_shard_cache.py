@@ -2,6 +2,7 @@
 
 import http.server
 import os
+import re
 import threading
 import traceback
 import urllib.parse
@@ -25,7 +26,7 @@ from tests.tiny import make_tiny_data
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     """Serves ``self.server.root`` with Range requests (206); ``server.cut_once``: file names whose first GET stops
-    half-way (the connection closes), to be retried."""
+    half-way (the connection closes), to be retried; ``server.missing``: file names answered 404."""
 
     def log_message(self, *a):
         pass
@@ -34,7 +35,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         name = urllib.parse.unquote(self.path.lstrip("/"))
         self.server.requests.append((name, self.headers.get("Range")))
         path = os.path.join(self.server.root, name)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or name in self.server.missing:
             self.send_error(404)
             return
         data = open(path, "rb").read()
@@ -56,7 +57,7 @@ def served(tmp_path_factory):
     folder = make_tiny_data(root / "folder")
     prepare_shards(folder, str(root / "shards"), "20KB", workers=2)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.root, server.requests, server.cut_once = str(root / "shards"), [], set()
+    server.root, server.requests, server.cut_once, server.missing = str(root / "shards"), [], set(), set()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {"server": server, "url": f"http://127.0.0.1:{server.server_address[1]}", "local": str(root / "shards")}
     server.shutdown()
@@ -180,3 +181,24 @@ def test_processes_that_evict_each_others_shards_still_read_whole_ones_and_the_c
     assert results == [40, 40, 40]  # every open found a whole shard, none an error
     left = [e for e in os.scandir(tmp_path / "cache") if e.name.endswith(".tar") and not is_temporary(e.name)]
     assert sum(e.stat().st_size for e in left) <= max_bytes
+
+
+def test_a_shard_that_cannot_be_fetched_mid_run_stops_it_with_one_line_and_resume_continues(served, tmp_path, capsys):
+    """A shard answered 404 after the start (the shipped index lists it): the run stops with one line naming its URL
+    and how to continue, instead of replacing every image of it; once it is back, --resume auto finishes the run."""
+    from rectrain.cli import main as cli_main
+    from tests.tiny import TINY
+    args = ["train", "--data_dir", _pattern(served["url"]), "--output", str(tmp_path), "--run_name", "r", *TINY,
+            "--epochs", "1", "--shard_cache", str(tmp_path / "cache"), "--workers", "2"]
+    served["server"].missing.add("train-000004.tar")
+    try:
+        capsys.readouterr()
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip()
+    finally:
+        served["server"].missing.clear()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"cannot fetch shard http://127\.0\.0\.1:\d+/train-000004\.tar \(HTTP 404 .*; the run stopped "
+                     r"here: once the shard can be fetched, continue it with --resume auto", err), err
+    assert "could not decode" not in (tmp_path / "r/logs/rank0.log").read_text()  # no image was replaced
+    assert cli_main([*args, "--resume", "auto"]) == 0
