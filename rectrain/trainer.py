@@ -782,8 +782,12 @@ class Trainer:
         """Top-1/top-5/loss over the whole validation set; None when a stop signal arrived (agreed by all ranks)."""
         t = time.perf_counter()
         s = self.parts.step
+        def failed(paths: list[str]) -> None:  # not counted against --max_decode_failures: validation changes no weight
+            for f in paths:
+                self.log(f"warning: could not decode {f} in validation{label}; another image of its shape was scored "
+                         "in its place")
         sums = evaluate(model, self.data.on_device(self.data.loaders.validation()), self.normalize, s.autocast,
-                        self.stop, s.channels_last, pad_to=self.val_pad)
+                        self.stop, s.channels_last, pad_to=self.val_pad, on_failed=failed)
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count
             return None
         res = reduce_eval(sums)

@@ -105,12 +105,17 @@ def _eval_worker(args, data_dir: str, info) -> int:
     model = r.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = DeviceNormalize(device)
     autocast = inference_autocast(cfg, device, args.no_amp)
+    def failed(paths: list[str]) -> None:
+        for f in paths:
+            print(f"warning: could not decode {f}; another image of its shape was scored in its place",
+                  file=sys.stderr)
     if args.tta or args.per_class:
         sums = all_reduce_sum(evaluate_per_class(model, loader, normalize, autocast, len(r.classes), args.tta,
-                                                 channels_last))  # the one collective
+                                                 channels_last, on_failed=failed))  # the one collective
         res, per_class = class_totals(sums), per_class_report(sums, r.classes)
     else:  # the training run's own evaluation
-        res, per_class = reduce_eval(evaluate(model, loader, normalize, autocast, None, channels_last)), None
+        res, per_class = reduce_eval(evaluate(model, loader, normalize, autocast, None, channels_last,
+                                              on_failed=failed)), None
     if info.is_primary:
         _print_result(args, res, per_class, info.world_size, buckets, len(r.classes))
     return 0

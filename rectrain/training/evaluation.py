@@ -20,7 +20,7 @@ __all__ = ["evaluate", "reduce_eval", "log_probs", "evaluate_per_class", "per_cl
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, normalize, autocast, stop: StopFlag | None = None,
-             channels_last: bool = True, pad_to: int | None = None) -> torch.Tensor | None:
+             channels_last: bool = True, pad_to: int | None = None, on_failed=None) -> torch.Tensor | None:
     """Loss, top-1 and top-5 sums over this rank's share of the validation set.
 
     Ranks may hold different numbers of batches, so no collective runs inside the loop: sums stay on
@@ -28,10 +28,13 @@ def evaluate(model: torch.nn.Module, loader, normalize, autocast, stop: StopFlag
     arrived (the caller agrees on it with the other ranks). ``pad_to``: a bucket's last, smaller batch is
     padded with blank images to this size and the padding is ignored, so that each bucket is one batch
     shape (one compiled graph, one cuDNN plan); in eval mode images do not interact, so results are equal.
+    ``on_failed(paths)``: told of images that failed to decode (the loader scored another of their bucket instead).
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=normalize.device)  # loss, correct1, correct5, count
-    for images, labels, _failed in guarded(loader):
+    for images, labels, failed in guarded(loader):
+        if failed and on_failed is not None:
+            on_failed(failed)
         if stop is not None and stop.signum:
             return None
         n = labels.shape[0]
@@ -75,7 +78,7 @@ def log_probs(model: torch.nn.Module, images: torch.Tensor, autocast, tta: str |
 
 @torch.no_grad()
 def evaluate_per_class(model: torch.nn.Module, loader, normalize, autocast, num_classes: int,
-                       tta: str | None = None, channels_last: bool = False) -> torch.Tensor:
+                       tta: str | None = None, channels_last: bool = False, on_failed=None) -> torch.Tensor:
     """Sums per true class over this rank's batches: (classes, 4) float64 of loss, top-1 hits, top-5 hits, images.
 
     The per-sample twin of ``evaluate`` (same loader, normalisation and loss, so the column
@@ -83,7 +86,9 @@ def evaluate_per_class(model: torch.nn.Module, loader, normalize, autocast, num_
     """
     model.eval()
     sums = torch.zeros(num_classes, 4, dtype=torch.float64, device=normalize.device)
-    for images, labels, _failed in loader:
+    for images, labels, failed in guarded(loader):
+        if failed and on_failed is not None:
+            on_failed(failed)
         images, labels = normalize(images, labels)
         if not channels_last:
             images = images.contiguous()

@@ -212,3 +212,23 @@ def assert_same_result(a, b):
             assert a[k] == pytest.approx(b[k], abs=1e-5), k
         else:
             assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("extra", [[], ["--per_class"]])
+def test_a_val_image_that_turns_bad_after_the_scan_is_named_and_a_stand_in_scored(run_dir, tmp_path, capfd, extra):
+    import shutil
+    data, ckpt, _ = run_dir
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    victim = sorted((own / "val" / "class_001").iterdir())[0]
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # same size and mtime: the copied scan cache still lists it as good
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capfd.readouterr()
+    assert cli_main(["eval", "--checkpoint", ckpt, "--json", *CPU, "--data_dir", str(own), "--workers", "2",
+                     *extra]) == 0
+    out, err = capfd.readouterr()
+    res = json.loads(out)
+    assert res["val_images"] == 15  # every image scored once: the bad one's stand-in in its place
+    warned = [ln for ln in err.splitlines() if "could not decode" in ln]
+    assert len(warned) == 1 and str(victim) in warned[0] and "another image of its shape was scored" in warned[0]

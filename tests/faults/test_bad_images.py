@@ -178,14 +178,16 @@ def test_a_class_only_in_val_is_one_line_naming_it(data_dir, tmp_path, outcome):
     assert "only_in_val" in res.stderr
 
 
-@pytest.mark.fault(case="6 bad images", fault="a file replaced by garbage after the scan")
+@pytest.mark.fault(case="6 bad images", fault="a file replaced by garbage after the scan (train and val)")
 def test_a_file_that_turns_bad_after_the_scan_is_replaced_in_its_batch_and_counted(own_data, tmp_path, outcome):
     scan = h.cli("scan", "--data_dir", str(own_data), "--target_size", "32", workdir=tmp_path / "scan")
     assert scan.code == 0, scan.stderr
     victim = own_data / "train" / "class_001" / "class_001_00003.jpg"
-    st = victim.stat()
-    victim.write_bytes(b"\0" * st.st_size)  # same size and mtime: the cached scan still lists it as good
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    val_victim = next((own_data / "val" / "class_000").iterdir())
+    for path in (victim, val_victim):
+        st = path.stat()
+        path.write_bytes(b"\0" * st.st_size)  # same size and mtime: the cached scan still lists it as good
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     out = tmp_path / "out"
     res = h.run(h.train_args(own_data, out, "b", "--epochs", "1"), tmp_path / "run")
     outcome(repetitions=1, exit_code=res.code, runs_finished=int(res.code == 0), hangs=int(res.hung))
@@ -195,6 +197,8 @@ def test_a_file_that_turns_bad_after_the_scan_is_replaced_in_its_batch_and_count
     assert len(logged) == 1, "the failure was not logged once, by path"
     failures = h.load_ckpt(h.ckpt_dir(out, "b") / "last.pth")["decode_failures"]
     assert len(failures) == 1 and str(victim) in failures[0]
+    in_val = [ln for ln in log.splitlines() if "could not decode" in ln and str(val_victim) in ln]
+    assert len(in_val) == 1 and "in validation; another image of its shape was scored in its place" in in_val[0]
     outcome(samples_lost=1, samples_duplicated=1)  # by design: the bad file's stand-in is seen twice that epoch
 
 
