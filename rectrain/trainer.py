@@ -782,6 +782,7 @@ class Trainer:
         """Top-1/top-5/loss over the whole validation set; None when a stop signal arrived (agreed by all ranks)."""
         t = time.perf_counter()
         s = self.parts.step
+
         def failed(paths: list[str]) -> None:  # not counted against --max_decode_failures: validation changes no weight
             for f in paths:
                 self.log(f"warning: could not decode {f} in validation{label}; another image of its shape was scored "

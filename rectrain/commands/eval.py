@@ -105,6 +105,7 @@ def _eval_worker(args, data_dir: str, info) -> int:
     model = r.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = DeviceNormalize(device)
     autocast = inference_autocast(cfg, device, args.no_amp)
+
     def failed(paths: list[str]) -> None:
         for f in paths:
             print(f"warning: could not decode {f}; another image of its shape was scored in its place",
