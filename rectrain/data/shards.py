@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rectrain.data.shard_cache import is_remote, read_text  # is_remote: also this module's, for its callers
+from rectrain.data.shard_cache import (ShardFetchError, is_remote,  # is_remote: also this module's, for its callers
+                                       read_text)
 from rectrain.errors import DataMistake, UserError
 
 __all__ = ["SPLIT_NAMES", "CLASSES_FILE", "IMAGE_EXTS", "ShardLayout", "ShardMembers", "MemberReader",
@@ -331,7 +332,6 @@ class MemberReader:
         return fd
 
     def read(self, i: int, name: str = "") -> bytes:
-        from rectrain.data.shard_cache import ShardFetchError
         from rectrain.data.transforms import DecodeError
         m = self.members
         s, offset, n = int(m.shard[i]), int(m.offset[i]), int(m.nbytes[i])
