@@ -307,7 +307,7 @@ def build_data(cfg: TrainConfig, info: DistInfo, paths: RunPaths, log) -> RunDat
     decode = resolve_decode(cfg.decode, device, workers)
     settings = cfg.slice(LoaderSettings, workers=workers, decode=decode, pin_memory=device.type == "cuda",
                          rank=info.rank, world_size=info.world_size)
-    loaders = build_loaders(train, val, plan.buckets, settings, plan.epoch_shapes, plan.val_buckets)
+    loaders = build_loaders(train, val, plan.buckets, settings, plan.epoch_shapes, plan.val_buckets, log=log)
     windows = getattr(loaders.train_sampler, "windows", None)
     if windows is not None and info.is_primary:
         cache = train.index.members.cache

@@ -23,7 +23,7 @@ from rectrain.data.buckets import BucketTable
 from rectrain.data.samplers import (AspectRatioBatchSampler, DistributedBatchSampler, ValidationBatchSampler,
                                     WindowedBatchSampler, shard_windows)
 from rectrain.data.scan import SplitScan
-from rectrain.data.transforms import DecodeError, RectangularCropTfm
+from rectrain.data.transforms import DecodeError, FallbackNotes, RectangularCropTfm
 from rectrain.data.workers import ignore_stop_signals, shut_down, start_workers, track
 from rectrain.errors import UserError
 
@@ -182,13 +182,17 @@ class Loaders:
 
 
 def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: BucketTable, settings: LoaderSettings,
-                  epoch_shapes: list[np.ndarray] | None = None, val_buckets: BucketTable | None = None) -> Loaders:
+                  epoch_shapes: list[np.ndarray] | None = None, val_buckets: BucketTable | None = None,
+                  log=None) -> Loaders:
     """``buckets`` group the training images (and give their shapes unless ``epoch_shapes`` has a table per
     epoch); validation crops to ``val_buckets`` (default: ``buckets``). ``settings.decode == "gpu"``: workers read
-    the file bytes and the crop geometry only (``rectrain.data.gpu_decode``); batches are then decoded on the device."""
+    the file bytes and the crop geometry only (``rectrain.data.gpu_decode``); batches are then decoded on the device.
+    ``log``: the rank's log, where both loaders' workers tell of images the region decoder hands on (default
+    stderr)."""
     s = settings
+    notes = FallbackNotes(log)  # one count for the rank: both loaders' workers
     train_tfm = _for_decode(RectangularCropTfm(train=True, scale=tuple(s.crop_scale), hflip=s.hflip, crop=s.train_crop,
-                                               decoder=s.decoder, log_fallbacks=True), s.decode)
+                                               decoder=s.decoder, fallback_notes=notes), s.decode)
     train_set = BucketDataset(train_scan, buckets, train_tfm, s.seed, epoch_shapes=epoch_shapes)
     sampler = _windowed(train_scan, val_scan, train_set.bucket_ids, s)
     if sampler is None:
@@ -201,7 +205,7 @@ def build_loaders(train_scan: SplitScan, val_scan: SplitScan | None, buckets: Bu
     train = track(torch.utils.data.DataLoader(train_set, batch_sampler=stream, **_loader_kw(s)))
     val = val_set = None
     if val_scan is not None and len(val_scan.index):
-        val, val_set = build_val_loader(val_scan, val_buckets or buckets, s)
+        val, val_set = build_val_loader(val_scan, val_buckets or buckets, s, notes)
     return Loaders(train, val, sampler, train_set, val_set, stream)
 
 
@@ -249,10 +253,12 @@ def _loader_kw(s: LoaderSettings) -> dict:
                 worker_init_fn=ignore_stop_signals if s.workers > 0 else None)
 
 
-def build_val_loader(val_scan: SplitScan, buckets: BucketTable, settings: LoaderSettings):
-    """Deterministic centre crops, batches grouped by bucket, every image once across ranks -> (loader, dataset)."""
+def build_val_loader(val_scan: SplitScan, buckets: BucketTable, settings: LoaderSettings,
+                     fallback_notes: FallbackNotes | None = None):
+    """Deterministic centre crops, batches grouped by bucket, every image once across ranks -> (loader, dataset).
+    ``fallback_notes``: where to tell of images the region decoder hands on (None: counted, not told)."""
     s = settings
-    tfm = RectangularCropTfm(train=False, val_crop=s.val_crop, decoder=s.decoder, log_fallbacks=True)
+    tfm = RectangularCropTfm(train=False, val_crop=s.val_crop, decoder=s.decoder, fallback_notes=fallback_notes)
     val_set = BucketDataset(val_scan, buckets, _for_decode(tfm, s.decode), seed=0)
     vs = ValidationBatchSampler(val_set.bucket_ids, s.val_batch, num_replicas=s.world_size, rank=s.rank)
     keyed = [[(int(i), 0) for i in b] for b in vs]

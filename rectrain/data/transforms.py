@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing.sharedctypes
 import os
 import sys
 import warnings
@@ -33,7 +34,7 @@ from rectrain.data import exif, turbo
 from rectrain.errors import UserError
 
 __all__ = ["CROPS", "DECODERS", "IMAGENET_MEAN", "IMAGENET_STD", "ALPHA_BACKGROUND", "DecodeError", "open_rgb",
-           "RectangularCropTfm", "resolve_decoder", "decoder_problem"]
+           "FallbackNotes", "RectangularCropTfm", "resolve_decoder", "decoder_problem"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on the 0..1 scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,6 +187,40 @@ def _flip_probability(hflip) -> float:
     return p
 
 
+class FallbackNotes:
+    """Says when the region decoder hands an image on to OpenCV/Pillow: at the 1st, 10th, 100th, ... of them, counted
+    over every process of the loaders that share this object. The count lives in shared memory that forked
+    DataLoader workers inherit (without a lock: two workers at the same instant may both tell, or neither, which a
+    note can afford); ``log`` is the rank's log, which a forked worker writes as its main process does (the logger
+    and its open file are inherited; logging re-creates its locks after a fork). Without ``log``: stderr. A pickled
+    copy (spawned workers) counts in its own process and writes to stderr."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self._count = multiprocessing.sharedctypes.RawValue("q", 0)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.log, self._count = None, multiprocessing.sharedctypes.RawValue("q", 0)
+
+    def add(self, name: str, reason: str, detail: str | None) -> None:
+        self._count.value += 1
+        n = self._count.value
+        if n == 1:
+            note = (f"note: {name}: {reason}{' (' + detail[:200] + ')' if detail else ''}; the region decoder hands "
+                    "such images to OpenCV/Pillow (told again at 10, 100, 1,000... of them)")
+        elif n == 10 ** int(math.log10(n)):
+            note = f"note: the region decoder has handed {n:,} images to OpenCV/Pillow; the latest: {name}: {reason}"
+        else:
+            return
+        if self.log is not None:
+            self.log(note)
+        else:
+            print(note, file=sys.stderr, flush=True)
+
+
 class RectangularCropTfm:
     """Crop an image file to an (H, W) bucket shape: uint8 (H, W, 3).
 
@@ -213,13 +248,13 @@ class RectangularCropTfm:
     The box is resized to the output with Pillow's antialiased bilinear filter (upsampling small images), or with
     ``decoder`` turbo/opencv (``auto`` picks the first that works here, see ``resolve_decoder``) by OpenCV's
     bilinear filter at the exact box (area averaging when shrinking 2x or more). Images the chosen decoder cannot
-    take exactly go to the next one (turbo -> opencv -> pil); ``fallbacks`` counts them per process, and with
-    ``log_fallbacks`` a note says so at the first and at 10, 100, 1,000... of them.
+    take exactly go to the next one (turbo -> opencv -> pil); ``fallbacks`` counts them per process, and
+    ``fallback_notes`` (``FallbackNotes``) says so at the first and at 10, 100, 1,000... of them.
     """
 
     def __init__(self, train: bool, scale: tuple[float, float] = (0.08, 1.0), hflip: float | bool = 0.5,
-                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random", log_fallbacks: bool = False,
-                 turbo_flags: tuple[str, ...] = ()):
+                 val_crop: float = 0.875, decoder: str = "auto", crop: str = "random",
+                 fallback_notes: FallbackNotes | None = None, turbo_flags: tuple[str, ...] = ()):
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
@@ -238,7 +273,7 @@ class RectangularCropTfm:
         self.crop = crop
         self.fallbacks: Counter[str] = Counter()  # images the region decoder handed on, by reason (this process)
         self.region_images = 0                   # images it decoded
-        self.log_fallbacks = log_fallbacks       # say so on stderr (the training loaders do; predict stays quiet)
+        self.fallback_notes = fallback_notes     # where to say so (the training loaders do; predict stays quiet)
         # libjpeg-turbo's speed flags for the region decoder, off by default: measured on real photos they buy no
         # speed (-5% to +7% from run to run), and FASTDCT puts crops ~1.03 grey levels from the exact crop (over the
         # 1-level goal), FASTUPSAMPLE ~0.78 (docs/benchmarks.md, benchmarks/bench_region_decode.py, the only caller
@@ -310,18 +345,10 @@ class RectangularCropTfm:
         return np.array(out, dtype=np.uint8)  # writable (np.asarray of a PIL image is read-only)
 
     def _fell_back(self, name: str, reason: str, detail: str | None) -> None:
-        """Count an image the region decoder handed on; say so at the first and at 10, 100, 1,000... of them.
-        Printed by the process that decodes (a DataLoader worker: to the console's stderr, not the rank log)."""
+        """Count an image the region decoder handed on (this process), and tell ``fallback_notes``."""
         self.fallbacks[reason] += 1
-        n = sum(self.fallbacks.values())
-        if not self.log_fallbacks:
-            return
-        if n == 1:
-            print(f"note: {name}: {reason}{' (' + detail[:200] + ')' if detail else ''}; the region decoder hands "
-                  "such images to OpenCV/Pillow (counted per loader process; told again at 10, 100, 1,000... of "
-                  "them)", file=sys.stderr, flush=True)
-        elif n == 10 ** int(math.log10(n)):
-            print(f"note: loader process {os.getpid()}: {self.fallback_summary()}", file=sys.stderr, flush=True)
+        if self.fallback_notes is not None:
+            self.fallback_notes.add(name, reason, detail)
 
     def fallback_summary(self) -> str:
         """e.g. 'region-decoded 12,345 images, 21 by OpenCV/Pillow (CMYK/YCCK JPEG 18, not a JPEG 3)'."""

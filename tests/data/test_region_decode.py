@@ -20,7 +20,7 @@ from rectrain.data import exif, transforms, turbo
 from rectrain.data.buckets import make_buckets
 from rectrain.data.loader import LoaderSettings, build_loaders
 from rectrain.data.source import scan_split
-from rectrain.data.transforms import DecodeError, RectangularCropTfm
+from rectrain.data.transforms import DecodeError, FallbackNotes, RectangularCropTfm
 from rectrain.errors import UserError
 
 pytestmark = pytest.mark.skipif(not turbo.available() or transforms.cv2 is None,
@@ -299,13 +299,40 @@ def test_fallbacks_are_told_once_then_at_powers_of_ten_by_the_loaders_only(odd_f
     quiet = RectangularCropTfm(train=False, decoder="turbo")  # predict, eval: counted, not told
     quiet(odd_files["cmyk"], (32, 48), size_hw=(90, 120))
     assert quiet.fallbacks["CMYK/YCCK JPEG"] == 1 and capsys.readouterr().err == ""
-    tfm = RectangularCropTfm(train=False, decoder="turbo", log_fallbacks=True)  # as the training loaders make it
+    tfm = RectangularCropTfm(train=False, decoder="turbo", fallback_notes=FallbackNotes())  # no log: stderr
     for _ in range(12):
         tfm(odd_files["cmyk"], (32, 48), size_hw=(90, 120))
     notes = capsys.readouterr().err.strip().splitlines()
-    assert len(notes) == 2
+    assert len(notes) == 2 and tfm.fallbacks["CMYK/YCCK JPEG"] == 12
     assert "cmyk.jpg: CMYK/YCCK JPEG" in notes[0]
-    assert "region-decoded 0 images, 10 by OpenCV/Pillow (CMYK/YCCK JPEG 10)" in notes[1]
+    assert "the region decoder has handed 10 images to OpenCV/Pillow; the latest: " in notes[1]
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths, tfm):
+        self.paths, self.tfm = paths, tfm
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.tfm(self.paths[i], (32, 48), size_hw=(90, 120))
+
+
+def test_a_loaders_workers_tell_the_rank_log_once_between_them(odd_files, tmp_path):
+    """2 real workers, 12 CMYK files between them: 2 notes in the rank's log (the 1st and the 10th of the rank), where
+    each worker counting alone would write 2 first notes and no 10th."""
+    from rectrain.runtime.logs import close_logger, setup_rank_logger
+    logger = setup_rank_logger(str(tmp_path / "logs"), 0, echo=False)
+    try:
+        tfm = RectangularCropTfm(train=False, decoder="turbo", fallback_notes=FallbackNotes(logger.info))
+        loader = torch.utils.data.DataLoader(_Files([odd_files["cmyk"]] * 12, tfm), batch_size=1, num_workers=2)
+        assert len(list(loader)) == 12
+    finally:
+        close_logger(logger)
+    notes = [ln for ln in (tmp_path / "logs/rank0.log").read_text().splitlines() if "note:" in ln]
+    assert len(notes) == 2, notes
+    assert "cmyk.jpg: CMYK/YCCK JPEG" in notes[0] and "has handed 10 images" in notes[1]
 
 
 # -- choosing the decoder --------------------------------------------------------------------------------------
