@@ -49,7 +49,8 @@ from rectrain.training.augment import BatchAugment
 from rectrain.training.checkpoint import CheckpointError, Checkpointer, Stateful, load_initial_weights
 from rectrain.training.compilation import (CompileDecision, SpatialDynamic, cached_graphs, compile_cache_dir,
                                            decide_compile, estimate_train_s, estimate_warmup, graph_labels,
-                                           graph_signature, keep_ddp_overlap, record_graphs, use_compile_cache)
+                                           graph_signature, keep_ddp_overlap, record_graphs, specialised_note,
+                                           use_compile_cache)
 from rectrain.training.ema import ModelEma
 from rectrain.training.evaluation import evaluate, format_top5, reduce_eval
 from rectrain.training.loop import LoopSettings, train_one_epoch
@@ -683,6 +684,10 @@ class Trainer:
         self.warmup_graphs = compiled_graphs() - before
         if self.compiled:
             self.log(f"warm-up: torch.compile built {self.warmup_graphs} graph(s) ({self.cfg.compile_shapes})")
+            note = (specialised_note(self.warmup_graphs, self.train_shapes, self.val_shapes)
+                    if self.cfg.compile_shapes == "dynamic" else None)
+            if note and self.info.is_primary:
+                self.log(note)
             if self.info.is_primary:
                 try:
                     record_graphs(self.compile_cache, *self._graphs())

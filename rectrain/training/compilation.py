@@ -41,9 +41,9 @@ from rectrain.runtime.io import user_cache_dir, write_json_atomic
 
 __all__ = ["COLD_S_PER_GRAPH", "WARM_S_PER_GRAPH", "DYNAMIC_GRAPH_COST", "REFERENCE_IMAGES_PER_S",
            "MAX_WARMUP_SHARE", "CACHE_ENV", "MARKER", "WarmupEstimate", "CompileDecision", "estimate_warmup",
-           "estimate_train_s", "decide_compile", "graph_labels", "torch_default_cache_dir", "compile_cache_dir",
-           "use_compile_cache", "graph_signature", "cached_graphs", "record_graphs", "keep_ddp_overlap",
-           "SpatialDynamic"]
+           "estimate_train_s", "decide_compile", "graph_labels", "specialised_note", "torch_default_cache_dir",
+           "compile_cache_dir", "use_compile_cache", "graph_signature", "cached_graphs", "record_graphs",
+           "keep_ddp_overlap", "SpatialDynamic"]
 
 COLD_S_PER_GRAPH = 35.0        # s to compile one ResNet-50 training graph (forward + backward), H200, 2026-11-27
 WARM_S_PER_GRAPH = 10.0        # s for one the persistent cache holds: assumed, to be measured (gpu_session.sh)
@@ -142,6 +142,21 @@ def graph_labels(train_shapes, val_shapes, dynamic: bool) -> list[str]:
             return [f"{kind} {b}xHxW" for b in sorted({s[0] for s in shapes})]
         return [f"{kind} {b}x{h}x{w}" for b, h, w in shapes]
     return labels("train", train_shapes) + labels("eval", val_shapes)
+
+
+def specialised_note(built: int, train_shapes, val_shapes) -> str | None:
+    """--compile_shapes dynamic checked after the warm-up: a note when torch built more graphs than one per batch size
+    and model, i.e. specialised the height and width after all. Seen on the CPU with torch 2.13: Inductor's
+    convolution backward lowering guards on the feature maps' strides (``_inductor/kernel/conv.py``,
+    ``convolution_backward_lowering``), so 3 shapes built 3 graphs, in twice the time of ``per_shape``
+    (docs/benchmarks.md)."""
+    expected = len(graph_labels(train_shapes, val_shapes, dynamic=True))
+    if built <= expected:
+        return None
+    return (f"note: --compile_shapes dynamic built {built} graphs for {len(train_shapes) + len(val_shapes)} batch "
+            f"shapes, not {expected}: torch specialised the height and width (guards of the compiled kernels), so "
+            "the shapes were compiled one by one anyway, as dynamic code; --compile_shapes per_shape compiles them "
+            "faster")
 
 
 # -- the persistent cache -------------------------------------------------------------------------------------

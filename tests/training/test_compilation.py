@@ -75,6 +75,15 @@ def test_graph_labels_are_one_per_shape_or_one_per_batch_size_when_dynamic():
 
 
 # -- the persistent cache ------------------------------------------------------------------------------------
+def test_a_dynamic_compile_that_specialised_says_per_shape_compiles_faster():
+    train, val = [(8, 64, 96), (8, 96, 64), (8, 64, 64)], [(16, 64, 64)]
+    assert comp.specialised_note(2, train, val) is None  # one graph per model: as promised
+    assert comp.specialised_note(1, train, []) is None
+    note = comp.specialised_note(4, train, val)
+    assert note.startswith("note: --compile_shapes dynamic built 4 graphs for 4 batch shapes, not 2: torch specialised")
+    assert note.endswith("--compile_shapes per_shape compiles them faster")
+
+
 def test_the_cache_folder_is_the_flag_then_the_users_variable_then_the_users_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     torch_tmp = "/tmp/torchinductor_someone"
