@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import math
-import multiprocessing.sharedctypes
+import multiprocessing
 import os
 import sys
 import warnings
@@ -189,25 +189,26 @@ def _flip_probability(hflip) -> float:
 
 class FallbackNotes:
     """Says when the region decoder hands an image on to OpenCV/Pillow: at the 1st, 10th, 100th, ... of them, counted
-    over every process of the loaders that share this object. The count lives in shared memory that forked
-    DataLoader workers inherit (without a lock: two workers at the same instant may both tell, or neither, which a
-    note can afford); ``log`` is the rank's log, which a forked worker writes as its main process does (the logger
-    and its open file are inherited; logging re-creates its locks after a fork). Without ``log``: stderr. A pickled
-    copy (spawned workers) counts in its own process and writes to stderr."""
+    over every process of the loaders that share this object. The count lives in shared memory, with its lock, that
+    forked DataLoader workers inherit (a fallback is rare: the lock costs nothing that shows); ``log`` is the rank's
+    log, which a forked worker writes as its main process does (the logger and its open file are inherited; logging
+    re-creates its locks after a fork). Without ``log``: stderr. A pickled copy (spawned workers) counts in its own
+    process and writes to stderr."""
 
     def __init__(self, log=None):
         self.log = log
-        self._count = multiprocessing.sharedctypes.RawValue("q", 0)
+        self._count = multiprocessing.Value("q", 0)
 
     def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
-        self.log, self._count = None, multiprocessing.sharedctypes.RawValue("q", 0)
+        self.log, self._count = None, multiprocessing.Value("q", 0)
 
     def add(self, name: str, reason: str, detail: str | None) -> None:
-        self._count.value += 1
-        n = self._count.value
+        with self._count.get_lock():
+            self._count.value += 1
+            n = self._count.value
         if n == 1:
             note = (f"note: {name}: {reason}{' (' + detail[:200] + ')' if detail else ''}; the region decoder hands "
                     "such images to OpenCV/Pillow (told again at 10, 100, 1,000... of them)")
