@@ -25,7 +25,7 @@ import torch
 
 from rectrain.config import TrainConfig, check_data_dir, check_resume_path
 from rectrain.data.buckets import BucketTable, make_buckets
-from rectrain.data.failures import DecodeFailurePolicy
+from rectrain.data.failures import DecodeFailurePolicy, stand_in_warning
 from rectrain.data.gpu_decode import GpuBatchDecoder, decoded, resolve_decode
 from rectrain.data.index import name_some
 from rectrain.data.loader import Loaders, LoaderSettings, build_loaders
@@ -790,8 +790,7 @@ class Trainer:
 
         def failed(paths: list[str]) -> None:  # not counted against --max_decode_failures: validation changes no weight
             for f in paths:
-                self.log(f"warning: could not decode {f} in validation{label}; another image of its shape was scored "
-                         "in its place")
+                self.log(stand_in_warning(f, f" in validation{label}"))
         sums = evaluate(model, self.data.on_device(self.data.loaders.validation()), self.normalize, s.autocast,
                         self.stop, s.channels_last, pad_to=self.val_pad, on_failed=failed)
         if self.stop.should_stop():  # every rank reaches this once, whatever its batch count

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 def _eval_worker(args, data_dir: str, info) -> int:
     import torch
 
+    from rectrain.data.failures import stand_in_warning
     from rectrain.data.loader import LoaderSettings, build_val_loader
     from rectrain.data.source import shared_scan
     from rectrain.data.workers import cap_workers
@@ -108,8 +109,7 @@ def _eval_worker(args, data_dir: str, info) -> int:
 
     def failed(paths: list[str]) -> None:
         for f in paths:
-            print(f"warning: could not decode {f}; another image of its shape was scored in its place",
-                  file=sys.stderr)
+            print(stand_in_warning(f), file=sys.stderr)
     if args.tta or args.per_class:
         sums = all_reduce_sum(evaluate_per_class(model, loader, normalize, autocast, len(r.classes), args.tta,
                                                  channels_last, on_failed=failed))  # the one collective

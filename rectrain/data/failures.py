@@ -13,7 +13,7 @@ from rectrain.data.shard_cache import ShardFetchError
 from rectrain.data.transforms import DecodeError
 from rectrain.errors import UserError
 
-__all__ = ["DecodeFailures", "DecodeFailurePolicy", "guarded"]
+__all__ = ["DecodeFailures", "DecodeFailurePolicy", "guarded", "stand_in_warning"]
 
 
 class DecodeFailures(UserError):
@@ -43,6 +43,12 @@ class DecodeFailurePolicy:
 
     def load_state_dict(self, failures: list[str]) -> None:
         self.failures = list(failures)
+
+
+def stand_in_warning(path: str, where: str = "") -> str:
+    """The line for an image that failed to decode where nothing is counted (validation, `rectrain eval`): the
+    loader scored another image of its bucket in its place."""
+    return f"warning: could not decode {path}{where}; another image of its shape was scored in its place"
 
 
 def guarded(loader):
